@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+DEMO_OUT ?= outputs/demo
+
+.PHONY: setup test test-fast demo lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/mmcv-build.txt tools/setup.sh
+	PYTHON=$(PYTHON) bash tools/setup.sh
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cvtk_job tests entrypoint.py
+
+demo: $(STAMP)
+	bash tools/demo.sh $(DEMO_OUT)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

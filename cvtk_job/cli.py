@@ -1,0 +1,92 @@
+"""Command line: pick the subcommand, parse its options, run it, map the outcome to an exit code.
+
+This is the only place that decides exit codes. Heavy libraries (torch, mmdet) are imported by the
+commands that need them, never here, so `--help`, `validate` and argument errors stay fast.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+
+from argparse_dataclass import ArgumentParser
+
+from . import __version__, options
+from .errors import EXIT_BUG, EXIT_OK, CvtkJobError, DatasetError
+
+log = logging.getLogger("cvtk_job")
+
+
+@dataclass(frozen=True)
+class Command:
+    options: type
+    summary: str
+
+
+COMMANDS = {
+    "train": Command(options.TrainOptions, "train a Mask R-CNN / Faster R-CNN model on COCO data"),
+    "inference": Command(options.InferenceOptions, "predict on images: drawn images + instances.json"),
+    "evaluate": Command(options.EvaluateOptions, "COCO metrics of predictions against ground truth"),
+    "validate": Command(options.ValidateOptions, "check a dataset and its label file (no GPU needed)"),
+    "doctor": Command(options.DoctorOptions, "check that the installed stack can train"),
+}
+
+EPILOG = """exit codes: 0 ok, 1 unexpected bug, 2 wrong input (never retry), 3 storage/network failed
+(retry), 4 training failed, 75 interrupted after a checkpoint (rerun to resume)
+
+example:
+  cvtk-job train --label data/label.txt --train data/train/segm.json --valid data/valid/segm.json \\
+      --test data/test/segm.json --output_weights outputs/strawberry.pth
+  cvtk-job inference --label data/label.txt --data data/test/images \\
+      --model_weights outputs/strawberry.pth --output outputs/inference_results"""
+
+
+def _top_parser():
+    listing = "\n".join(f"  {name:<10} {cmd.summary}" for name, cmd in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="cvtk-job",
+        description=f"Train and run MMDetection instance segmentation / detection as batch jobs.\n\n"
+                    f"commands:\n{listing}",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cvtk-job {__version__}")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND",
+                        help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="options of the command (COMMAND --help)")
+    return parser
+
+
+def parse(argv):
+    """argv → (command name, options dataclass). Argument errors exit 2 through argparse."""
+    top = _top_parser().parse_args(argv)
+    command = COMMANDS[top.command]
+    sub = ArgumentParser(command.options, prog=f"cvtk-job {top.command}", description=command.summary)
+    return top.command, sub.parse_args(top.args)
+
+
+def _setup_logging():
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    name, opts = parse(argv)
+    _setup_logging()
+    try:
+        module = importlib.import_module(f"cvtk_job.commands.{name}")
+        module.run(opts)
+        return EXIT_OK
+    except DatasetError as err:
+        for line in err.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return err.exit_code
+    except CvtkJobError as err:
+        print(f"cvtk-job {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"cvtk-job {name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - the one place that turns a bug into exit code 1
+        log.exception("unexpected error (a bug in cvtk-job, please report it)")
+        return EXIT_BUG

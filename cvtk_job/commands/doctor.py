@@ -1,0 +1,51 @@
+"""`cvtk-job doctor`: show the stack and prove it can train (mmcv's compiled ops actually run)."""
+
+import importlib
+import platform
+import sys
+
+from ..errors import SetupError
+
+
+def _version(module_name):
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is the finding we report
+        raise SetupError(f"cannot import {module_name} ({type(err).__name__}: {err}); "
+                         "run `make setup` or reinstall the image") from None
+    return getattr(module, "__version__", "?")
+
+
+def _check_mmcv_ops():
+    """Run two compiled ops; a CPU-only or mismatched mmcv build fails here, not mid-training."""
+    import torch
+
+    try:
+        from mmcv.ops import RoIAlign, nms
+        boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [50.0, 50.0, 60.0, 60.0]])
+        scores = torch.tensor([0.9, 0.8, 0.7])
+        _, keep = nms(boxes, scores, iou_threshold=0.5)
+        rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])
+        pooled = RoIAlign((2, 2), 1.0, 0)(torch.ones(1, 1, 8, 8), rois)
+    except Exception as err:  # noqa: BLE001
+        raise SetupError(f"mmcv's compiled ops do not run ({type(err).__name__}: {err}); "
+                         "rebuild mmcv with MMCV_WITH_OPS=1 (make setup does)") from None
+    if keep.tolist() != [0, 2] or pooled.shape != (1, 1, 2, 2):
+        raise SetupError(f"mmcv ops gave wrong results (nms kept {keep.tolist()}); rebuild mmcv")
+    return "nms, RoIAlign ok"
+
+
+def run(opts):
+    rows = [("python", platform.python_version()), ("platform", platform.platform())]
+    for name in ("torch", "mmcv", "mmengine", "mmdet", "pycocotools", "numpy", "boto3", "matplotlib"):
+        rows.append((name, _version(name)))
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        rows.append(("cuda", f"{torch.version.cuda} ({torch.cuda.device_count()} GPU: {gpus})"))
+    else:
+        rows.append(("cuda", f"not available (torch CUDA build: {torch.version.cuda}); runs on CPU"))
+    rows.append(("mmcv ops", _check_mmcv_ops()))
+    for key, value in rows:
+        print(f"{key:<12} {value}", file=sys.stdout)

@@ -1,0 +1,39 @@
+"""`cvtk-job validate`: check label file and COCO files before any GPU time is spent."""
+
+import logging
+import sys
+
+from .. import coco
+from ..errors import DatasetError, UserError
+
+log = logging.getLogger(__name__)
+
+
+def dataset_files(opts):
+    """(role, path) of every COCO file named on the command line, in a stable order."""
+    named = [("train", opts.train), ("valid", opts.valid), ("test", opts.test)]
+    return [(role, path) for role, path in named if path] + [("file", p) for p in getattr(opts, "files", [])]
+
+
+def check(files, labels=None, task=None):
+    """Validate every file; print warnings; raise DatasetError listing every error line."""
+    reports = [coco.validate_coco(path, labels=labels, task=task) for _, path in files]
+    for report in reports:
+        for warning in report.warnings:
+            log.warning("%s", warning)
+    errors = [str(p) for r in reports for p in r.errors]
+    if errors:
+        raise DatasetError(errors)
+    return reports
+
+
+def run(opts):
+    files = dataset_files(opts)
+    if not files:
+        raise UserError("nothing to validate; pass --train/--valid/--test or COCO JSON files")
+    labels = coco.load_labels(opts.label) if opts.label else None
+    reports = check(files, labels=labels, task=opts.task)
+    for (role, path), report in zip(files, reports, strict=True):
+        data = report.data
+        print(f"ok\t{role}\t{path}\timages={len(data['images'])}\tannotations={len(data['annotations'])}"
+              f"\twarnings={len(report.warnings)}", file=sys.stdout)

@@ -1,0 +1,107 @@
+"""Typed options of every subcommand: one frozen dataclass each, parsed by argparse-dataclass.
+
+Flags keep upstream cvtk's spelling (`--output_weights`); the dashed spelling (`--output-weights`)
+is accepted too. No `from __future__ import annotations` here: argparse-dataclass reads the real
+types from the fields.
+"""
+
+import dataclasses
+import types
+from dataclasses import MISSING, field
+from typing import List, Literal, Optional
+
+
+def opt(help, default=MISSING, **metadata):
+    """A dataclass field carrying its help text (and argparse extras) in its metadata."""
+    metadata["help"] = help
+    return field(default=default, metadata=metadata)
+
+
+def _with_flags(cls):
+    """Give every field `--name` (and `--dashed-name`), and show its default in the help."""
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        if "args" not in meta:
+            flags = [f"--{f.name}"]
+            if "_" in f.name:
+                flags.append(f"--{f.name.replace('_', '-')}")
+            meta["args"] = flags
+        if not any(f.default is d for d in (MISSING, None, False)) and "(default" not in meta.get("help", ""):
+            meta["help"] = f"{meta.get('help', '')} (default: {f.default})"
+        f.metadata = types.MappingProxyType(meta)
+    return cls
+
+
+def command_options(cls):
+    return _with_flags(dataclasses.dataclass(frozen=True)(cls))
+
+
+Task = Literal["segm", "det"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@command_options
+class TrainOptions:
+    label: str = opt("label file: one class name per line (or a COCO JSON whose categories name them)")
+    train: str = opt("COCO JSON of the training images; file_names resolve against its folder")
+    output_weights: str = opt("where the trained weights go, e.g. outputs/strawberry.pth; the other "
+                              "outputs are written beside it, checkpoints into outputs/strawberry/")
+    valid: Optional[str] = opt("COCO JSON of the validation images, evaluated after every epoch", None)
+    test: Optional[str] = opt("COCO JSON of the test images, evaluated once after training", None)
+    batch_size: int = opt("images per batch and process", 4)
+    num_workers: int = opt("data-loading worker processes", 8)
+    epoch: int = opt("number of training epochs", 10)
+    task: Task = opt("segm: instance masks (Mask R-CNN); det: boxes only (Faster R-CNN)", "segm")
+    model: Optional[str] = opt("an MMDetection config name (e.g. mask-rcnn_r50_fpn_1x_coco) or a path "
+                               "to a config file (default: mask-rcnn_r101_fpn_1x_coco for segm, "
+                               "faster-rcnn_r101_fpn_1x_coco for det)", None)
+    pretrained: str = opt("auto: the COCO checkpoint of the model (downloaded once); none: random "
+                          "init, no network; or a checkpoint path or URL", "auto")
+    lr: str = opt("learning rate; auto scales the config's rate from its batch of 16 to the real "
+                  "global batch", "auto")
+    seed: int = opt("random seed (same seed, same losses on CPU)", 0)
+    amp: bool = opt("mixed precision on CUDA (ignored on CPU)", False)
+    image_size: Optional[List[int]] = opt("resize images to fit W H (keeping their aspect ratio)",
+                                          None, nargs=2, type=int, metavar=("W", "H"))
+    device: Device = opt("where to train", "auto")
+    resume: str = opt("auto: continue an interrupted run of the same command; none: start over; "
+                      "or a checkpoint path", "auto")
+
+
+@command_options
+class InferenceOptions:
+    label: str = opt("label file the model was trained with")
+    data: str = opt("images: a folder (recursive), a text file listing paths, one image, or a COCO JSON")
+    model_weights: str = opt("weights written by train, e.g. outputs/strawberry.pth")
+    output: str = opt("folder for the drawn images and instances.json")
+    batch_size: int = opt("images per batch", 4)
+    num_workers: int = opt("image-reading worker processes", 8)
+    score_threshold: float = opt("keep detections scoring at least this", 0.5)
+    device: Device = opt("where to run", "auto")
+    no_draw: bool = opt("write instances.json only, no drawn images", False)
+
+
+@command_options
+class EvaluateOptions:
+    gt: str = opt("ground-truth COCO JSON")
+    pred: str = opt("predictions: test_outputs.coco.json or instances.json")
+    output: str = opt("where to write the stats JSON")
+    iou_type: Literal["segm", "bbox"] = opt("evaluate masks or boxes", "segm")
+
+
+@command_options
+class ValidateOptions:
+    files: List[str] = field(default_factory=list, metadata={
+        "args": ["files"], "nargs": "*", "type": str, "metavar": "COCO_JSON",
+        "help": "COCO JSON files to check on their own (without a label file, categories are "
+                "checked for consistency only)"})
+    label: Optional[str] = opt("label file to compare every file's categories with", None)
+    train: Optional[str] = opt("training COCO JSON", None)
+    valid: Optional[str] = opt("validation COCO JSON", None)
+    test: Optional[str] = opt("test COCO JSON", None)
+    task: Optional[str] = opt("segm: every annotation must have a mask", None, choices=["segm", "det"])
+
+
+@command_options
+class DoctorOptions:
+    pass
