@@ -1,19 +1,25 @@
 """`cvtk-job doctor`: show the stack and prove it can train (mmcv's compiled ops actually run)."""
 
 import importlib
+import importlib.metadata
 import platform
 import sys
 
 from ..errors import SetupError
 
 
+# import name → distribution name
+PACKAGES = {"torch": "torch", "mmcv": "mmcv", "mmengine": "mmengine", "mmdet": "mmdet",
+            "pycocotools": "pycocotools", "numpy": "numpy", "boto3": "boto3", "matplotlib": "matplotlib"}
+
+
 def _version(module_name):
     try:
-        module = importlib.import_module(module_name)
+        importlib.import_module(module_name)
+        return importlib.metadata.version(PACKAGES[module_name])
     except Exception as err:  # noqa: BLE001 - any import failure is the finding we report
         raise SetupError(f"cannot import {module_name} ({type(err).__name__}: {err}); "
                          "run `make setup` or reinstall the image") from None
-    return getattr(module, "__version__", "?")
 
 
 def _check_mmcv_ops():
@@ -37,7 +43,7 @@ def _check_mmcv_ops():
 
 def run(opts):
     rows = [("python", platform.python_version()), ("platform", platform.platform())]
-    for name in ("torch", "mmcv", "mmengine", "mmdet", "pycocotools", "numpy", "boto3", "matplotlib"):
+    for name in PACKAGES:
         rows.append((name, _version(name)))
     import torch
 

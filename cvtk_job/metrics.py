@@ -1,0 +1,112 @@
+"""COCO metrics with pycocotools: the tutorial's 12 keys, overall and per class.
+
+Used by `train`'s test step and by `evaluate`, so both report identical numbers. Predictions are
+matched to the ground truth by image file name and category name, so files whose ids differ (an
+`instances.json` from inference) evaluate correctly.
+"""
+
+import contextlib
+import io
+import logging
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+MAX_DETS = [100, 300, 1000]
+# The tutorial's key order: TYPE@[IoU|area|maxDets].
+STAT_KEYS = [
+    "AP@[0.50:0.95|all|100]", "AP@[0.50|all|1000]", "AP@[0.75|all|1000]",
+    "AP@[0.50:0.95|small|1000]", "AP@[0.50:0.95|medium|1000]", "AP@[0.50:0.95|large|1000]",
+    "AR@[0.50:0.95|all|100]", "AR@[0.50:0.95|all|300]", "AR@[0.50:0.95|all|1000]",
+    "AR@[0.50:0.95|small|1000]", "AR@[0.50:0.95|medium|1000]", "AR@[0.50:0.95|large|1000]",
+]
+# pycocotools' value where nothing qualifies (no ground truth in that size range): strict JSON,
+# unlike the NaN that upstream cvtk wrote.
+UNDEFINED = -1.0
+
+
+def _parse_key(key):
+    kind, rest = key.split("@", 1)
+    iou, area, max_det = rest.strip("[]").split("|")
+    return kind, iou, area, int(max_det)
+
+
+def _value(evaluator, key, class_index=None):
+    kind, iou, area, max_det = _parse_key(key)
+    params = evaluator.params
+    a = params.areaRngLbl.index(area)
+    m = params.maxDets.index(max_det)
+    if ":" in iou:
+        lo, hi = (float(v) for v in iou.split(":"))
+        t = np.where((params.iouThrs >= lo - 1e-9) & (params.iouThrs <= hi + 1e-9))[0]
+    else:
+        t = np.where(np.isclose(params.iouThrs, float(iou)))[0]
+    k = slice(None) if class_index is None else [class_index]
+    if kind == "AP":
+        values = evaluator.eval["precision"][t][:, :, k, a, m]
+    else:
+        values = evaluator.eval["recall"][t][:, k, a, m]
+    values = values[values > -1]
+    return float(np.mean(values)) if values.size else UNDEFINED
+
+
+def _match_predictions(gt, pred, pred_name):
+    """Predictions with image ids and category ids translated into the ground truth's."""
+    gt_images = {img["file_name"]: img["id"] for img in gt["images"]}
+    gt_cats = {cat["name"]: cat["id"] for cat in gt["categories"]}
+    pred_images = {img["id"]: img["file_name"] for img in pred.get("images", [])}
+    pred_cats = {cat["id"]: cat["name"] for cat in pred.get("categories", [])}
+    matched = []
+    for ann in pred.get("annotations", []):
+        file_name = pred_images.get(ann["image_id"])
+        image_id = gt_images.get(file_name) if file_name is not None else ann["image_id"]
+        if image_id is None:
+            raise UserError(f"{pred_name}: annotation id {ann.get('id')}: image {file_name!r} is not in "
+                            "the ground truth; evaluate predictions of the same images")
+        name = pred_cats.get(ann["category_id"])
+        category_id = gt_cats.get(name) if name is not None else ann["category_id"]
+        if category_id is None:
+            raise UserError(f"{pred_name}: annotation id {ann.get('id')}: category {name!r} is not in the "
+                            "ground truth's categories; use the same label file")
+        matched.append(dict(ann, image_id=image_id, category_id=category_id))
+    return matched
+
+
+def coco_stats(gt, pred, iou_type="segm", pred_name="predictions"):
+    """{'stats': {12 keys}, 'class_stats': {class name: {12 keys}}} of pred (COCO dict) against gt."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    detections = _match_predictions(gt, pred, pred_name)
+    names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    if not detections:
+        log.warning("%s: no detections at all; every metric is 0", pred_name)
+        zeros = dict.fromkeys(STAT_KEYS, 0.0)
+        return {"stats": dict(zeros), "class_stats": {n: dict(zeros) for n in names}}
+    if iou_type == "segm":
+        missing = [d.get("id") for d in detections if not d.get("segmentation")]
+        if missing:
+            raise UserError(f"{pred_name}: annotation id {missing[0]} has no segmentation; "
+                            "evaluate with --iou_type bbox")
+        # pycocotools derives box and area from the mask; a stale bbox must not leak in.
+        detections = [{k: v for k, v in d.items() if k not in ("bbox", "area")} for d in detections]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+        coco_gt = COCO()
+        coco_gt.dataset = {k: gt[k] for k in ("images", "annotations", "categories")}
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(detections)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        evaluator.params.maxDets = list(MAX_DETS)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    cat_ids = evaluator.params.catIds  # sorted ground-truth category ids
+    id_to_name = {c["id"]: c["name"] for c in gt["categories"]}
+    return {
+        "stats": {key: _value(evaluator, key) for key in STAT_KEYS},
+        "class_stats": {id_to_name[cid]: {key: _value(evaluator, key, k) for key in STAT_KEYS}
+                        for k, cid in enumerate(cat_ids)},
+    }
+

@@ -1,0 +1,295 @@
+"""From options to an MMEngine config: model lookup and one pure function that patches the config.
+
+`build_config` does no I/O beyond reading the base config: every path it needs arrives resolved
+(local, staged), so the same inputs always give the same config, and tests can check it directly.
+"""
+
+import difflib
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+DEFAULT_MODELS = {"segm": "mask-rcnn_r101_fpn_1x_coco", "det": "faster-rcnn_r101_fpn_1x_coco"}
+# MMDetection's learning rates are tuned for 8 GPUs x 2 images.
+BASE_BATCH_SIZE = 16
+# A warm-up longer than this share of the run means the run never trains at full rate.
+MAX_WARMUP_FRACTION = 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Model lookup in the installed mmdet (its packaged configs and model index), without importing it
+
+
+def _mmdet_mim_dir():
+    spec = importlib.util.find_spec("mmdet")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("mmdet is not installed; run `make setup`")
+    return os.path.join(list(spec.submodule_search_locations)[0], ".mim")
+
+
+@lru_cache(maxsize=1)
+def packaged_configs():
+    """{config name: path} of every model config that ships inside the mmdet wheel."""
+    root = os.path.join(_mmdet_mim_dir(), "configs")
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("_base_", "__pycache__")]
+        for name in files:
+            if name.endswith(".py") and folder != root:
+                found.setdefault(name[:-3], os.path.join(folder, name))
+    return found
+
+
+def resolve_model(model: Optional[str], task: str) -> str:
+    """A config name or path → the path of its config file; unknown names get the closest names."""
+    name = model or DEFAULT_MODELS[task]
+    if name.endswith(".py") or os.sep in name:
+        if not os.path.isfile(name):
+            raise UserError(f"--model {name}: config file not found; pass an existing .py config or a "
+                            "packaged name such as mask-rcnn_r50_fpn_1x_coco")
+        return os.path.abspath(name)
+    configs = packaged_configs()
+    if name not in configs:
+        close = difflib.get_close_matches(name, list(configs), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see mmdet's configs folder for names"
+        raise UserError(f"--model {name}: no such config in mmdet; {hint}")
+    return configs[name]
+
+
+@lru_cache(maxsize=1)
+def _model_index():
+    """{config name: checkpoint URL} from mmdet's model index and its metafiles."""
+    import yaml
+
+    mim = _mmdet_mim_dir()
+    with open(os.path.join(mim, "model-index.yml"), encoding="utf-8") as fh:
+        index = yaml.safe_load(fh)
+    urls = {}
+    for entry in index.get("Import", []):
+        path = os.path.join(mim, entry)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            meta = yaml.safe_load(fh) or {}
+        for model in meta.get("Models", []) or []:
+            config, weights = model.get("Config"), model.get("Weights")
+            if config and weights:
+                urls[os.path.splitext(os.path.basename(config))[0]] = weights
+    return urls
+
+
+def checkpoint_url(config_path: str) -> Optional[str]:
+    """The COCO checkpoint URL that mmdet's model index gives for this config, if any."""
+    return _model_index().get(os.path.splitext(os.path.basename(config_path))[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The config
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """Local, absolute paths of the COCO files (staged in already)."""
+
+    train: str
+    valid: Optional[str] = None
+    test: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the config depends on besides the options."""
+
+    classes: Sequence[str]
+    data: DataFiles
+    work_dir: str
+    output_prefix: str
+    num_train_images: int
+    world_size: int = 1
+    device: str = "cpu"
+    load_from: Optional[str] = None
+    resume: bool = False
+
+
+def _walk(node, visit):
+    """Call visit(dict) on every dict inside nested dicts and lists."""
+    if isinstance(node, dict):
+        visit(node)
+        for value in node.values():
+            _walk(value, visit)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _walk(value, visit)
+
+
+def _set_num_classes(model, n):
+    def visit(d):
+        for key in ("num_classes", "num_things_classes"):
+            if key in d:
+                d[key] = n
+    _walk(model, visit)
+
+
+def _drop_pretrained_init(model):
+    """Random init must not download: drop `Pretrained` init_cfgs (e.g. torchvision://resnet101)."""
+    def visit(d):
+        init = d.get("init_cfg")
+        if isinstance(init, dict) and init.get("type") == "Pretrained":
+            d["init_cfg"] = None
+        elif isinstance(init, list):
+            d["init_cfg"] = [i for i in init if not (isinstance(i, dict) and i.get("type") == "Pretrained")]
+    _walk(model, visit)
+    model.pop("pretrained", None)
+
+
+def _innermost_dataset(dataset):
+    # RepeatDataset / ClassBalancedDataset / MultiImageMixDataset wrap the real one.
+    while isinstance(dataset, dict) and isinstance(dataset.get("dataset"), dict):
+        dataset = dataset["dataset"]
+    return dataset
+
+
+def _patch_pipeline(pipeline, with_mask, image_size):
+    for step in pipeline:
+        kind = str(step.get("type", ""))
+        if kind == "LoadAnnotations":
+            step["with_mask"] = with_mask
+        if image_size and kind.endswith("Resize") and "scale" in step:
+            step["scale"] = tuple(image_size)
+    return pipeline
+
+
+def _dataset(base, ann_file, classes, pipeline, test_mode):
+    dataset = dict(base)
+    dataset.update(
+        data_root=os.path.dirname(ann_file), ann_file=ann_file, data_prefix=dict(img=""),
+        metainfo=dict(classes=tuple(classes)), pipeline=pipeline, test_mode=test_mode,
+        backend_args=None)
+    if test_mode:
+        # Keep images without annotations in validation and test (upstream cvtk dropped them).
+        dataset.pop("filter_cfg", None)
+    return dataset
+
+
+def _eval_loader(base_loader, base_dataset, ann_file, classes, pipeline, opts):
+    return dict(
+        batch_size=opts.batch_size, num_workers=opts.num_workers,
+        persistent_workers=opts.num_workers > 0, drop_last=False,
+        sampler=dict(type="DefaultSampler", shuffle=False),
+        dataset=_dataset(base_dataset, ann_file, classes, pipeline, test_mode=True))
+
+
+def _scale_schedule(schedulers, base_epochs, epochs, total_iters):
+    """Stretch epoch-based milestones to --epoch; cap iteration-based warm-up to a share of the run."""
+    factor = epochs / base_epochs
+    scaled = []
+    for sched in schedulers:
+        sched = dict(sched)
+        if sched.get("by_epoch", True):
+            if "milestones" in sched:
+                sched["milestones"] = sorted({min(epochs, max(1, round(m * factor)))
+                                              for m in sched["milestones"]})
+            for key in ("begin", "end", "T_max"):
+                if isinstance(sched.get(key), (int, float)) and sched[key] > 0:
+                    sched[key] = max(1, round(sched[key] * factor))
+        else:
+            cap = max(1, int(total_iters * MAX_WARMUP_FRACTION))
+            if isinstance(sched.get("end"), int) and sched["end"] > cap:
+                sched["end"] = cap
+        scaled.append(sched)
+    return scaled
+
+
+def _learning_rate(opts, cfg):
+    if opts.lr == "auto":
+        cfg.auto_scale_lr = dict(enable=True, base_batch_size=BASE_BATCH_SIZE)
+        return
+    try:
+        lr = float(opts.lr)
+    except ValueError:
+        raise UserError(f"--lr {opts.lr}: not a number; give e.g. --lr 0.005 or --lr auto") from None
+    if not lr > 0:
+        raise UserError(f"--lr {opts.lr}: the learning rate must be positive")
+    cfg.optim_wrapper.optimizer.lr = lr
+    cfg.auto_scale_lr = dict(enable=False, base_batch_size=BASE_BATCH_SIZE)
+
+
+def build_config(opts, base_config_path: str, ctx: RunContext):
+    """Options + run context → the complete MMEngine config for training (and the test step)."""
+    from mmengine.config import Config, ConfigDict
+
+    cfg = Config.fromfile(base_config_path)
+    classes, with_mask = list(ctx.classes), opts.task == "segm"
+    _set_num_classes(cfg.model, len(classes))
+    if opts.pretrained == "none":
+        _drop_pretrained_init(cfg.model)
+    else:
+        cfg.model.pop("pretrained", None)
+
+    base_train = cfg.train_dataloader
+    base_train_dataset = _innermost_dataset(base_train.dataset)
+    train_pipeline = _patch_pipeline(list(base_train_dataset.get("pipeline", [])), with_mask, opts.image_size)
+    base_eval_dataset = _innermost_dataset((cfg.get("test_dataloader") or cfg.val_dataloader).dataset)
+    eval_pipeline = _patch_pipeline(list(base_eval_dataset.get("pipeline", [])), with_mask, opts.image_size)
+
+    train_dataset = _dataset(base_train_dataset, ctx.data.train, classes, train_pipeline, test_mode=False)
+    train_dataset["filter_cfg"] = dict(filter_empty_gt=True, min_size=0)
+    cfg.train_dataloader = ConfigDict(
+        batch_size=opts.batch_size, num_workers=opts.num_workers,
+        persistent_workers=opts.num_workers > 0,
+        sampler=dict(type="DefaultSampler", shuffle=True),
+        batch_sampler=dict(type="AspectRatioBatchSampler"),
+        dataset=train_dataset)
+
+    metrics = ["bbox", "segm"] if with_mask else ["bbox"]
+    if ctx.data.valid:
+        cfg.val_dataloader = _eval_loader(base_train, base_eval_dataset, ctx.data.valid, classes,
+                                          eval_pipeline, opts)
+        cfg.val_evaluator = dict(type="CocoMetric", ann_file=ctx.data.valid, metric=metrics,
+                                 format_only=False, backend_args=None)
+        cfg.val_cfg = dict(type="ValLoop")
+    else:
+        cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
+    if ctx.data.test:
+        cfg.test_dataloader = _eval_loader(base_train, base_eval_dataset, ctx.data.test, classes,
+                                           eval_pipeline, opts)
+        cfg.test_evaluator = dict(type="CvtkCocoDetections", ann_file=ctx.data.test,
+                                  output_file=os.path.join(ctx.work_dir, "test_outputs.coco.json"),
+                                  with_mask=with_mask)
+        cfg.test_cfg = dict(type="TestLoop")
+    else:
+        cfg.test_dataloader = cfg.test_evaluator = cfg.test_cfg = None
+
+    base_epochs = cfg.train_cfg.get("max_epochs", 12)
+    global_batch = opts.batch_size * ctx.world_size
+    iters_per_epoch = max(1, math.ceil(ctx.num_train_images / global_batch))
+    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=opts.epoch, val_interval=1)
+    cfg.param_scheduler = _scale_schedule(cfg.get("param_scheduler") or [], base_epochs, opts.epoch,
+                                          iters_per_epoch * opts.epoch)
+    _learning_rate(opts, cfg)
+    if opts.amp and ctx.device == "cuda":
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+
+    cfg.randomness = dict(seed=opts.seed, deterministic=False)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True,
+                                        max_keep_ckpts=2, save_last=True)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=min(10, iters_per_epoch), ignore_last=False)
+    cfg.log_processor = dict(type="LogProcessor", window_size=min(10, iters_per_epoch), by_epoch=True)
+    cfg.custom_imports = dict(imports=["cvtk_job.mmhooks"], allow_failed_imports=False)
+    cfg.custom_hooks = [dict(type="CvtkEpochStats", output_prefix=ctx.output_prefix)]
+    cfg.env_cfg = dict(cudnn_benchmark=False,
+                       mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+                       dist_cfg=dict(backend="nccl" if ctx.device == "cuda" else "gloo"))
+    cfg.launcher = "none"
+    cfg.work_dir = ctx.work_dir
+    cfg.load_from = ctx.load_from
+    cfg.resume = ctx.resume
+    cfg.metainfo = dict(classes=tuple(classes))
+    cfg.cvtk_job = dict(task=opts.task, classes=classes)
+    return cfg

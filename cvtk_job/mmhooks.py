@@ -1,0 +1,136 @@
+"""MMEngine plug-ins, imported by the runner through the config's `custom_imports`.
+
+- `CvtkEpochStats` writes the tutorial's per-epoch stats files and plots after every epoch, from
+  every training iteration (not a 50-iteration window), so a crash or preemption loses nothing.
+- `CvtkCocoDetections` collects every detection of the test step (no score cut-off) and writes
+  `test_outputs.coco.json`, from which `metrics.coco_stats` computes the test stats.
+"""
+
+import json
+from collections import defaultdict
+
+import numpy as np
+from mmengine.dist import is_main_process
+from mmengine.evaluator import BaseMetric
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS, METRICS
+
+from . import artifacts
+
+
+def _mean(values):
+    return float(np.mean(values)) if values else float("nan")
+
+
+@HOOKS.register_module()
+class CvtkEpochStats(Hook):
+    priority = "LOW"  # after IterTimerHook has recorded the iteration's time
+
+    def __init__(self, output_prefix):
+        self.outputs = artifacts.TrainOutputs(output_prefix)
+        self.train_rows, self.valid_rows = [], []
+        self._sums, self._val_times = defaultdict(list), defaultdict(list)
+
+    def before_train(self, runner):
+        # A resumed run keeps the rows of the epochs it already finished, and only those.
+        done = runner.epoch
+        self.train_rows = [r for r in artifacts.read_tsv(self.outputs.train_txt) if r.get("epoch", 0) <= done]
+        self.valid_rows = [r for r in artifacts.read_tsv(self.outputs.valid_txt) if r.get("step", 0) <= done]
+
+    def before_train_epoch(self, runner):
+        self._sums = defaultdict(list)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        sums = self._sums
+        sums["lr"].append(float(runner.optim_wrapper.get_lr()["lr"][0]))
+        hub = runner.message_hub
+        for key in ("data_time", "time"):
+            if f"train/{key}" in hub.log_scalars:
+                sums[key].append(hub.get_scalar(f"train/{key}").current())
+        for key, value in (outputs or {}).items():
+            sums[key].append(float(value.item() if hasattr(value, "item") else value))
+        import torch
+
+        if torch.cuda.is_available():
+            sums["memory"].append(torch.cuda.max_memory_allocated() / 2**20)
+
+    def after_train_epoch(self, runner):
+        row = {"epoch": runner.epoch + 1}  # the loop counts epochs after this hook
+        row.update({key: _mean(values) for key, values in self._sums.items()})
+        self.train_rows = [r for r in self.train_rows if r["epoch"] != row["epoch"]] + [row]
+        if is_main_process():
+            artifacts.write_tsv(self.outputs.train_txt, self.train_rows, artifacts.train_columns(self.train_rows))
+            artifacts.plot_stats(self.outputs.train_png, self.train_rows, "epoch", "Training: per-epoch means over every iteration")
+
+    def before_val_epoch(self, runner):
+        self._val_times = defaultdict(list)
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        hub = runner.message_hub
+        for key in ("data_time", "time"):
+            if f"val/{key}" in hub.log_scalars:
+                self._val_times[key].append(hub.get_scalar(f"val/{key}").current())
+
+    def after_val_epoch(self, runner, metrics=None):
+        row = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        row.update({key: _mean(values) for key, values in self._val_times.items()})
+        row["step"] = runner.epoch
+        self.valid_rows = [r for r in self.valid_rows if r["step"] != row["step"]] + [row]
+        if is_main_process():
+            artifacts.write_tsv(self.outputs.valid_txt, self.valid_rows, artifacts.valid_columns(self.valid_rows))
+            artifacts.plot_stats(self.outputs.valid_png, self.valid_rows, "step", "Validation: COCO metrics after each epoch")
+
+
+@METRICS.register_module()
+class CvtkCocoDetections(BaseMetric):
+    """Every detection of the test set, as COCO JSON with the test file's image and category ids."""
+
+    default_prefix = "test"
+
+    def __init__(self, ann_file, output_file, with_mask=True, collect_device="cpu", prefix=None):
+        super().__init__(collect_device=collect_device, prefix=prefix)
+        self.ann_file, self.output_file, self.with_mask = ann_file, output_file, with_mask
+
+    def process(self, data_batch, data_samples):
+        from pycocotools import mask as mask_utils
+
+        for sample in data_samples:
+            pred = sample["pred_instances"]
+            height, width = sample["ori_shape"][:2]
+            boxes = pred["bboxes"].cpu().numpy()
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+            scores = pred["scores"].cpu().numpy()
+            labels = pred["labels"].cpu().numpy()
+            rles = None
+            if self.with_mask and "masks" in pred:
+                masks = pred["masks"].cpu().numpy().astype(np.uint8)
+                rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
+            detections = []
+            for i in range(len(scores)):
+                x1, y1, x2, y2 = (float(v) for v in boxes[i])
+                det = {"label": int(labels[i]), "score": float(scores[i]),
+                       "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
+                if rles is not None:
+                    rle = rles[i]
+                    det["area"] = float(mask_utils.area(rle))
+                    det["segmentation"] = {"size": [int(s) for s in rle["size"]],
+                                           "counts": rle["counts"].decode("ascii")}
+                detections.append(det)
+            self.results.append((int(sample["img_id"]), detections))
+
+    def compute_metrics(self, results):
+        with open(self.ann_file, encoding="utf-8") as fh:
+            gt = json.load(fh)
+        categories = sorted(gt["categories"], key=lambda c: c["id"])
+        annotations = []
+        for image_id, detections in sorted(results, key=lambda r: r[0]):
+            for det in detections:
+                ann = {"id": len(annotations) + 1, "image_id": image_id,
+                       "category_id": categories[det.pop("label")]["id"], "iscrowd": 0}
+                ann.update(det)
+                annotations.append(ann)
+        images = [{k: img[k] for k in ("id", "file_name", "width", "height")} for img in gt["images"]]
+        artifacts.write_json(self.output_file, {"images": images, "categories": categories,
+                                                "annotations": annotations})
+        return {"detections": len(annotations)}
