@@ -162,3 +162,13 @@ def plot_stats(path, rows, x, title):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def write_train_stats(outputs, rows):
+    write_tsv(outputs.train_txt, rows, train_columns(rows))
+    plot_stats(outputs.train_png, rows, "epoch", "Training: per-epoch means over every iteration")
+
+
+def write_valid_stats(outputs, rows):
+    write_tsv(outputs.valid_txt, rows, valid_columns(rows))
+    plot_stats(outputs.valid_png, rows, "step", "Validation: COCO metrics after each epoch")

@@ -18,7 +18,6 @@ import pickle
 from .artifacts import atomic_path
 from .errors import UserError
 
-
 # HistoryBuffer's built-in statistics (it registers them lazily, on its first instance).
 STATISTICS = {"min", "max", "current", "mean"}
 

@@ -59,8 +59,7 @@ class CvtkEpochStats(Hook):
         row.update({key: _mean(values) for key, values in self._sums.items()})
         self.train_rows = [r for r in self.train_rows if r["epoch"] != row["epoch"]] + [row]
         if is_main_process():
-            artifacts.write_tsv(self.outputs.train_txt, self.train_rows, artifacts.train_columns(self.train_rows))
-            artifacts.plot_stats(self.outputs.train_png, self.train_rows, "epoch", "Training: per-epoch means over every iteration")
+            artifacts.write_train_stats(self.outputs, self.train_rows)
 
     def before_val_epoch(self, runner):
         self._val_times = defaultdict(list)
@@ -77,8 +76,7 @@ class CvtkEpochStats(Hook):
         row["step"] = runner.epoch
         self.valid_rows = [r for r in self.valid_rows if r["step"] != row["step"]] + [row]
         if is_main_process():
-            artifacts.write_tsv(self.outputs.valid_txt, self.valid_rows, artifacts.valid_columns(self.valid_rows))
-            artifacts.plot_stats(self.outputs.valid_png, self.valid_rows, "step", "Validation: COCO metrics after each epoch")
+            artifacts.write_valid_stats(self.outputs, self.valid_rows)
 
 
 @METRICS.register_module()

@@ -20,3 +20,42 @@ def run_cli(*args, cwd=None, env=None, timeout=900):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def make_subset(src_json, dst_json, n_images):
+    """Copy the first n images of a sample split (and their annotations) into a new folder."""
+    import json
+    import shutil
+
+    with open(src_json) as fh:
+        data = json.load(fh)
+    images = data["images"][:n_images]
+    keep = {img["id"] for img in images}
+    data["images"] = images
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    dst_json = Path(dst_json)
+    (dst_json.parent / "images").mkdir(parents=True, exist_ok=True)
+    for img in images:
+        shutil.copy(Path(src_json).parent / img["file_name"], dst_json.parent / img["file_name"])
+    dst_json.write_text(json.dumps(data))
+    return dst_json
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small copy of the sample (16 train, 5 valid, 5 test images) in the tutorial's layout."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("strawberry")
+    shutil.copy(SAMPLE / "label.txt", root / "label.txt")
+    for split, n in (("train", 16), ("valid", 5), ("test", 5)):
+        for kind in ("segm", "bbox"):
+            make_subset(SAMPLE / split / f"{kind}.json", root / split / f"{kind}.json", n)
+    return root
+
+
+TINY_MODELS = {"segm": REPO / "examples" / "configs" / "tiny_mask_rcnn.py",
+               "det": REPO / "examples" / "configs" / "tiny_faster_rcnn.py"}
+# Speed options only: tiny model, small images, random init, CPU.
+SPEED = ["--pretrained", "none", "--batch_size", "4", "--num_workers", "2", "--image_size", "256", "192",
+         "--device", "cpu"]

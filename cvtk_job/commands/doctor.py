@@ -7,7 +7,6 @@ import sys
 
 from ..errors import SetupError
 
-
 # import name → distribution name
 PACKAGES = {"torch": "torch", "mmcv": "mmcv", "mmengine": "mmengine", "mmdet": "mmdet",
             "pycocotools": "pycocotools", "numpy": "numpy", "boto3": "boto3", "matplotlib": "matplotlib"}

@@ -1,0 +1,168 @@
+"""train end to end on CPU: a real (tiny) MMDetection model on the shipped sample."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from cvtk_job import metrics
+from tests.conftest import REPO, SPEED, TINY_MODELS, run_cli
+
+pytestmark = pytest.mark.slow
+
+TRAIN_COLUMNS = {
+    "segm": "epoch lr data_time loss loss_rpn_cls loss_rpn_bbox loss_cls acc loss_bbox loss_mask time".split(),
+    "det": "epoch lr data_time loss loss_rpn_cls loss_rpn_bbox loss_cls acc loss_bbox time".split(),
+}
+METRIC_SUFFIXES = ["mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"]
+
+
+def strict_json(path):
+    def refuse(token):
+        raise ValueError(f"{path} holds {token}, which is not JSON")
+    with open(path) as fh:
+        return json.load(fh, parse_constant=refuse)
+
+
+def read_tsv(path):
+    lines = open(path).read().splitlines()
+    header = lines[0].split("\t")
+    return header, [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+
+
+def train_args(data, out, task, *extra, splits=("valid", "test")):
+    kind = "segm" if task == "segm" else "bbox"
+    # The seed's command line, then only speed options (and the task/model for det).
+    args = ["train", "--label", data / "label.txt", "--train", data / "train" / f"{kind}.json"]
+    for split in splits:
+        args += [f"--{split}", data / split / f"{kind}.json"]
+    return [*args, "--output_weights", out / "strawberry.pth", *SPEED, "--model", TINY_MODELS[task],
+            "--task", task, *extra]
+
+
+def independent_cocoeval(gt_path, pred_path, iou_type, max_dets):
+    """pycocotools on the two files, as a user would run it (no cvtk-job code)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        dets = strict_json(pred_path)["annotations"]
+        if iou_type == "segm":
+            dets = [{k: v for k, v in d.items() if k not in ("bbox", "area")} for d in dets]
+        ev = COCOeval(gt, gt.loadRes(dets), iou_type)
+        ev.params.maxDets = max_dets
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats
+
+
+@pytest.mark.parametrize("task", ["segm", "det"])
+def test_train_writes_every_output_of_the_tutorial(small_data, tmp_path, task):
+    result = run_cli(*train_args(small_data, tmp_path, task, "--epoch", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "strawberry"
+
+    for suffix in (".pth", ".py", ".train_stats.train.txt", ".train_stats.train.png",
+                   ".train_stats.valid.txt", ".train_stats.valid.png", ".test_stats.json"):
+        assert (tmp_path / f"strawberry{suffix}").stat().st_size > 0, suffix
+    assert str(tmp_path / "strawberry.pth") in result.stdout.splitlines()
+
+    header, rows = read_tsv(tmp_path / "strawberry.train_stats.train.txt")
+    assert header == TRAIN_COLUMNS[task]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(float(r["loss"]) > 0 for r in rows)
+
+    header, rows = read_tsv(tmp_path / "strawberry.train_stats.valid.txt")
+    kinds = ["bbox", "segm"] if task == "segm" else ["bbox"]
+    assert header == [f"coco/{k}_{s}" for k in kinds for s in METRIC_SUFFIXES] + ["data_time", "time", "step"]
+    assert [r["step"] for r in rows] == ["1", "2"]
+
+    for png in ("strawberry.train_stats.train.png", "strawberry.train_stats.valid.png"):
+        with Image.open(tmp_path / png) as im:
+            assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 300
+
+    # Test outputs: every detection with scores and the test file's category ids; RLE masks for segm.
+    test_json = small_data / "test" / ("segm.json" if task == "segm" else "bbox.json")
+    outputs = strict_json(out / "test_outputs.coco.json")
+    gt = strict_json(test_json)
+    assert outputs["categories"] == gt["categories"]
+    assert [i["id"] for i in outputs["images"]] == [i["id"] for i in gt["images"]]
+    dets = outputs["annotations"]
+    assert dets, "the model returned no detections at all"
+    assert min(d["score"] for d in dets) < 0.5, "test detections must not be cut at 0.5"
+    assert {d["category_id"] for d in dets} <= {c["id"] for c in gt["categories"]}
+    if task == "segm":
+        assert all(isinstance(d["segmentation"]["counts"], str) for d in dets)
+
+    stats = strict_json(tmp_path / "strawberry.test_stats.json")
+    assert list(stats["stats"]) == metrics.STAT_KEYS
+    assert list(stats["class_stats"]) == ["flower", "green_fruit", "red_fruit"]
+    iou_type = "segm" if task == "segm" else "bbox"
+    at_1000 = independent_cocoeval(test_json, out / "test_outputs.coco.json", iou_type, [100, 300, 1000])
+    at_100 = independent_cocoeval(test_json, out / "test_outputs.coco.json", iou_type, [1, 10, 100])
+    expected = [at_100[0], *at_1000[1:6], *at_1000[6:9], *at_1000[9:12]]
+    assert [stats["stats"][k] for k in metrics.STAT_KEYS] == pytest.approx(expected, abs=1e-12)
+
+    # The weights open safely (weights_only) and carry the classes; the config reloads.
+    import torch
+    from mmengine.config import Config
+
+    weights = torch.load(tmp_path / "strawberry.pth", map_location="cpu", weights_only=True)
+    assert weights["meta"]["dataset_meta"]["classes"] == ["flower", "green_fruit", "red_fruit"]
+    cfg = Config.fromfile(tmp_path / "strawberry.py")
+    assert cfg.model.roi_head.bbox_head.num_classes == 3
+
+
+def _loss_columns(path):
+    header, rows = read_tsv(path)
+    return [{k: v for k, v in r.items() if k.startswith("loss") or k == "acc"} for r in rows]
+
+
+def test_same_seed_gives_the_same_losses_and_another_seed_does_not(small_data, tmp_path):
+    runs = {}
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        out = tmp_path / name
+        result = run_cli(*train_args(small_data, out, "det", "--epoch", "1", "--seed", seed, splits=()))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _loss_columns(out / "strawberry.train_stats.train.txt")
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_interrupted_run_resumes_at_the_next_epoch(small_data, tmp_path):
+    args = [sys.executable, str(REPO / "entrypoint.py"),
+            *map(str, train_args(small_data, tmp_path, "det", "--epoch", "2"))]
+    work = tmp_path / "strawberry"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not (work / "epoch_1.pth").exists() or not (work / "last_checkpoint").exists():
+            assert proc.poll() is None, "training ended before it could be interrupted"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # let the checkpoint finish writing
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (work / "epoch_2.pth").exists(), "too late: epoch 2 finished before the kill"
+
+    result = run_cli(*args[2:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed epoch: 1" in result.stderr
+    assert "Epoch(train) [1]" not in result.stderr  # epoch 1 is not trained again
+    assert "Epoch(train) [2]" in result.stderr
+    _, rows = read_tsv(tmp_path / "strawberry.train_stats.train.txt")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    _, rows = read_tsv(tmp_path / "strawberry.train_stats.valid.txt")
+    assert [r["step"] for r in rows] in (["1", "2"], ["2"])  # epoch 1's validation may have been killed
+    assert os.path.exists(tmp_path / "strawberry.test_stats.json")

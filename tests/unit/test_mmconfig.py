@@ -1,0 +1,95 @@
+"""mmconfig.build_config: a pure function from options to the MMEngine config."""
+
+import pytest
+
+from cvtk_job import mmconfig
+from cvtk_job.errors import UserError
+from cvtk_job.options import TrainOptions
+
+CLASSES = ["flower", "green_fruit", "red_fruit"]
+
+
+def build(tmp_path, task="segm", **overrides):
+    fields = dict(label="l.txt", train="t.json", output_weights=str(tmp_path / "x.pth"), pretrained="none",
+                  task=task)
+    fields.update(overrides)
+    opts = TrainOptions(**fields)
+    ctx = mmconfig.RunContext(
+        classes=CLASSES, data=mmconfig.DataFiles(str(tmp_path / "train.json"), str(tmp_path / "valid.json"),
+                                                 str(tmp_path / "test.json")),
+        work_dir=str(tmp_path / "x"), output_prefix=str(tmp_path / "x"), num_train_images=60)
+    return mmconfig.build_config(opts, mmconfig.resolve_model(opts.model, task), ctx)
+
+
+def _all_values(node, key):
+    found = []
+    mmconfig._walk(node, lambda d: found.append(d[key]) if key in d else None)
+    return found
+
+
+def test_default_models_follow_the_task():
+    assert mmconfig.resolve_model(None, "segm").endswith("mask-rcnn_r101_fpn_1x_coco.py")
+    assert mmconfig.resolve_model(None, "det").endswith("faster-rcnn_r101_fpn_1x_coco.py")
+
+
+def test_unknown_model_name_suggests_the_closest_names():
+    with pytest.raises(UserError, match=r"--model mask-rcnn_r51_fpn_1x_coco: no such config in mmdet; "
+                                        r"did you mean mask-rcnn_r50_fpn_1x_coco"):
+        mmconfig.resolve_model("mask-rcnn_r51_fpn_1x_coco", "segm")
+
+
+def test_every_num_classes_comes_from_the_label_file(tmp_path):
+    cfg = build(tmp_path)
+    assert _all_values(cfg.model, "num_classes") == [3, 3]  # bbox head and mask head
+    assert cfg.train_dataloader.dataset.metainfo.classes == tuple(CLASSES)
+
+
+def test_random_init_leaves_no_download_in_the_model(tmp_path):
+    cfg = build(tmp_path, pretrained="none")
+    assert not [i for i in _all_values(cfg.model, "init_cfg") if isinstance(i, dict) and i.get("type") == "Pretrained"]
+    assert cfg.load_from is None
+
+
+def test_masks_only_for_segm(tmp_path):
+    segm, det = build(tmp_path, "segm"), build(tmp_path / "d", "det")
+    load = [s for s in segm.train_dataloader.dataset.pipeline if s["type"] == "LoadAnnotations"][0]
+    assert load["with_mask"] is True and segm.val_evaluator.metric == ["bbox", "segm"]
+    load = [s for s in det.train_dataloader.dataset.pipeline if s["type"] == "LoadAnnotations"][0]
+    assert load["with_mask"] is False and det.val_evaluator.metric == ["bbox"]
+
+
+def test_auto_lr_scales_from_batch_16_and_a_number_overrides_it(tmp_path):
+    assert build(tmp_path).auto_scale_lr == dict(enable=True, base_batch_size=16)
+    cfg = build(tmp_path, lr="0.001")
+    assert cfg.optim_wrapper.optimizer.lr == 0.001 and cfg.auto_scale_lr.enable is False
+    with pytest.raises(UserError, match="--lr fast: not a number"):
+        build(tmp_path, lr="fast")
+
+
+def test_schedule_follows_epochs_and_warmup_is_capped(tmp_path):
+    cfg = build(tmp_path, epoch=24, batch_size=4)  # 60 images / 4 = 15 iterations an epoch, 360 in all
+    warmup, steps = cfg.param_scheduler
+    assert warmup["end"] == 36  # 10% of the run, not 500 iterations
+    assert steps["milestones"] == [16, 22] and steps["end"] == 24  # [8, 11] of 12 epochs, stretched
+
+
+def test_validation_and_test_keep_images_without_annotations(tmp_path):
+    cfg = build(tmp_path)
+    for loader in (cfg.val_dataloader, cfg.test_dataloader):
+        assert loader.dataset.test_mode is True and "filter_cfg" not in loader.dataset
+        assert loader.sampler.shuffle is False
+
+
+def test_image_size_resizes_every_pipeline(tmp_path):
+    cfg = build(tmp_path, image_size=[256, 192])
+    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        assert [s["scale"] for s in loader.dataset.pipeline if s["type"] == "Resize"] == [(256, 192)]
+
+
+def test_seed_reaches_mmengine_randomness(tmp_path):
+    assert build(tmp_path, seed=42).randomness == dict(seed=42, deterministic=False)
+
+
+def test_model_index_knows_the_default_checkpoints():
+    url = mmconfig.checkpoint_url(mmconfig.resolve_model(None, "segm"))
+    assert url.startswith("https://") and "mask_rcnn_r101_fpn_1x_coco" in url
