@@ -8,6 +8,7 @@ matched to the ground truth by image file name and category name, so files whose
 import contextlib
 import io
 import logging
+import os
 
 import numpy as np
 
@@ -53,16 +54,35 @@ def _value(evaluator, key, class_index=None):
     return float(np.mean(values)) if values.size else UNDEFINED
 
 
+def _image_matcher(gt_images):
+    """file name → ground-truth image id: exact, else by the end of the path when that is unique.
+
+    `instances.json` names images relative to what inference was given (a folder: `a.jpg`), the ground
+    truth relative to its JSON (`images/a.jpg`).
+    """
+    exact = {img["file_name"]: img["id"] for img in gt_images}
+    by_base = {}
+    for img in gt_images:
+        by_base.setdefault(os.path.basename(img["file_name"]), []).append(img["id"])
+
+    def match(file_name):
+        if file_name in exact:
+            return exact[file_name]
+        ids = by_base.get(os.path.basename(file_name), [])
+        return ids[0] if len(ids) == 1 else None
+    return match
+
+
 def _match_predictions(gt, pred, pred_name):
     """Predictions with image ids and category ids translated into the ground truth's."""
-    gt_images = {img["file_name"]: img["id"] for img in gt["images"]}
+    match_image = _image_matcher(gt["images"])
     gt_cats = {cat["name"]: cat["id"] for cat in gt["categories"]}
     pred_images = {img["id"]: img["file_name"] for img in pred.get("images", [])}
     pred_cats = {cat["id"]: cat["name"] for cat in pred.get("categories", [])}
     matched = []
     for ann in pred.get("annotations", []):
         file_name = pred_images.get(ann["image_id"])
-        image_id = gt_images.get(file_name) if file_name is not None else ann["image_id"]
+        image_id = match_image(file_name) if file_name is not None else ann["image_id"]
         if image_id is None:
             raise UserError(f"{pred_name}: annotation id {ann.get('id')}: image {file_name!r} is not in "
                             "the ground truth; evaluate predictions of the same images")

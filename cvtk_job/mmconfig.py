@@ -237,6 +237,7 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     base_eval_dataset = _innermost_dataset((cfg.get("test_dataloader") or cfg.val_dataloader).dataset)
     eval_pipeline = _patch_pipeline(list(base_eval_dataset.get("pipeline", [])), with_mask, opts.image_size)
 
+    cfg.test_pipeline = eval_pipeline  # inference reads it, also when training had no --valid/--test
     train_dataset = _dataset(base_train_dataset, ctx.data.train, classes, train_pipeline, test_mode=False)
     train_dataset["filter_cfg"] = dict(filter_empty_gt=True, min_size=0)
     cfg.train_dataloader = ConfigDict(

@@ -15,7 +15,7 @@ from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS, METRICS
 
-from . import artifacts
+from . import artifacts, predictions
 
 
 def _mean(values):
@@ -90,32 +90,10 @@ class CvtkCocoDetections(BaseMetric):
         self.ann_file, self.output_file, self.with_mask = ann_file, output_file, with_mask
 
     def process(self, data_batch, data_samples):
-        from pycocotools import mask as mask_utils
-
         for sample in data_samples:
-            pred = sample["pred_instances"]
             height, width = sample["ori_shape"][:2]
-            boxes = pred["bboxes"].cpu().numpy()
-            boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-            boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-            scores = pred["scores"].cpu().numpy()
-            labels = pred["labels"].cpu().numpy()
-            rles = None
-            if self.with_mask and "masks" in pred:
-                masks = pred["masks"].cpu().numpy().astype(np.uint8)
-                rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
-            detections = []
-            for i in range(len(scores)):
-                x1, y1, x2, y2 = (float(v) for v in boxes[i])
-                det = {"label": int(labels[i]), "score": float(scores[i]),
-                       "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
-                if rles is not None:
-                    rle = rles[i]
-                    det["area"] = float(mask_utils.area(rle))
-                    det["segmentation"] = {"size": [int(s) for s in rle["size"]],
-                                           "counts": rle["counts"].decode("ascii")}
-                detections.append(det)
-            self.results.append((int(sample["img_id"]), detections))
+            found = predictions.detections(sample["pred_instances"], height, width, self.with_mask)
+            self.results.append((int(sample["img_id"]), found))
 
     def compute_metrics(self, results):
         with open(self.ann_file, encoding="utf-8") as fh:

@@ -59,3 +59,14 @@ TINY_MODELS = {"segm": REPO / "examples" / "configs" / "tiny_mask_rcnn.py",
 # Speed options only: tiny model, small images, random init, CPU.
 SPEED = ["--pretrained", "none", "--batch_size", "4", "--num_workers", "2", "--image_size", "256", "192",
          "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def trained_segm(small_data, tmp_path_factory):
+    """A tiny Mask R-CNN trained for one epoch on the small sample, with its test outputs."""
+    out = tmp_path_factory.mktemp("trained") / "strawberry.pth"
+    result = run_cli("train", "--label", small_data / "label.txt", "--train", small_data / "train" / "segm.json",
+                     "--test", small_data / "test" / "segm.json", "--output_weights", out,
+                     "--model", TINY_MODELS["segm"], "--epoch", "1", *SPEED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -15,6 +15,9 @@ CLI=(.venv/bin/python entrypoint.py)
   --output_weights "$OUT/strawberry.pth" \
   --model examples/configs/tiny_mask_rcnn.py --pretrained none --image_size 384 288 \
   --epoch 3 --batch_size 4 --num_workers 2 --device cpu
+"${CLI[@]}" inference --label $DATA/label.txt --data $DATA/test/images \
+  --model_weights "$OUT/strawberry.pth" --output "$OUT/inference_results" \
+  --score_threshold 0.3 --batch_size 4 --num_workers 2 --device cpu
 echo
-echo "demo: outputs are in $OUT/:"
-ls -1 "$OUT"
+echo "demo: training outputs in $OUT/, predictions in $OUT/inference_results/ (instances.json + drawn images):"
+ls -1 "$OUT" "$OUT/inference_results" | head -30

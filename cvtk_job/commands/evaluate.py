@@ -1,7 +1,22 @@
-"""`cvtk-job evaluate`: not implemented yet (see its issue)."""
+"""`cvtk-job evaluate`: the test step's metrics for any predictions file (same code as `train`)."""
 
-from ..errors import UserError
+import logging
+
+from .. import artifacts, coco, metrics
+from ..errors import DatasetError, UserError
+
+log = logging.getLogger(__name__)
 
 
 def run(opts):
-    raise UserError("evaluate is not implemented yet")
+    report = coco.validate_coco(opts.gt, check_images=False)
+    if report.errors:
+        raise DatasetError([str(p) for p in report.errors])
+    gt = report.data
+    pred = coco.read_json(opts.pred)
+    if not isinstance(pred, dict) or not isinstance(pred.get("annotations"), list):
+        raise UserError(f"{opts.pred}: no 'annotations' list; pass test_outputs.coco.json or instances.json")
+    stats = metrics.coco_stats(gt, pred, opts.iou_type, pred_name=opts.pred)
+    artifacts.write_json(opts.output, stats, indent=4)
+    log.info("%s = %.4f", metrics.STAT_KEYS[0], stats["stats"][metrics.STAT_KEYS[0]])
+    print(opts.output)

@@ -1,7 +1,193 @@
-"""`cvtk-job inference`: not implemented yet (see its issue)."""
+"""`cvtk-job inference`: batched, streaming predictions → drawn images + instances.json.
 
+Images are read and transformed ahead by DataLoader workers and go through the model `--batch_size`
+at a time; each batch's results are written out before more is read, so memory stays flat whatever
+the number of images.
+
+A batch only ever holds images of one size. MMDetection pads a mixed batch to its largest image, and
+the padding changes the features near the image border (after the first BatchNorm the padded area is
+no longer zero), so a detection would depend on which images it was batched with. Grouping by size
+keeps predictions independent of `--batch_size` and wastes no compute on padding.
+"""
+
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .. import artifacts, coco, images, launch, predictions
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
+INSTANCES = "instances.json"
+
+
+@dataclass
+class Item:
+    """One image after the worker: pipeline output, the original pixels (for drawing), or an error."""
+
+    index: int
+    data: Any = None
+    original: Any = None
+    error: Optional[str] = None
+
+
+class ImageDataset:
+    def __init__(self, refs, pipeline, keep_original):
+        self.refs, self.pipeline, self.keep_original = refs, pipeline, keep_original
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, index):
+        import cv2
+
+        path = self.refs[index].path
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            reason = "file not found" if not os.path.exists(path) else "not a readable image"
+            return Item(index, error=reason)
+        try:
+            data = self.pipeline(dict(img=image, img_id=index, img_path=path))
+        except Exception as err:  # noqa: BLE001 - a broken image is reported and skipped, not fatal
+            return Item(index, error=f"{type(err).__name__}: {err}")
+        return Item(index, data, image if self.keep_original else None)
+
+
+def same_size_batches(items, batch_size, max_pending):
+    """Group a stream of items into batches of equal input size, holding at most max_pending items."""
+    pending = {}
+    held = 0
+    for item in items:
+        if item.error:
+            yield [item]
+            continue
+        key = tuple(item.data["inputs"].shape)
+        bucket = pending.setdefault(key, [])
+        bucket.append(item)
+        held += 1
+        if len(bucket) == batch_size:
+            held -= len(pending.pop(key))
+            yield bucket
+        elif held > max_pending:  # many sizes at once: run the fullest bucket rather than hold more
+            key = max(pending, key=lambda k: len(pending[k]))
+            held -= len(pending[key])
+            yield pending.pop(key)
+    yield from pending.values()
+
+
+def _check(opts):
+    if opts.batch_size < 1:
+        raise UserError(f"--batch_size {opts.batch_size}: a batch holds at least 1 image")
+    if opts.num_workers < 0:
+        raise UserError(f"--num_workers {opts.num_workers}: use 0 (read in the main process) or more")
+    if not 0.0 <= opts.score_threshold <= 1.0:
+        raise UserError(f"--score_threshold {opts.score_threshold}: give a score between 0 and 1")
+
+
+def _load_config(weights_path, meta):
+    from mmengine.config import Config
+
+    beside = os.path.splitext(weights_path)[0] + ".py"
+    if os.path.isfile(beside):
+        return Config.fromfile(beside)
+    if meta.get("config"):
+        return Config.fromstring(meta["config"], ".py")
+    raise UserError(f"{weights_path}: no config: neither {beside} nor a config inside the weights; "
+                    "use the .pth written by cvtk-job train")
+
+
+def _inference_pipeline(cfg):
+    from mmcv.transforms import Compose
+
+    steps = cfg.get("test_pipeline") or cfg.test_dataloader.dataset.pipeline
+    steps = [dict(s) for s in steps if s["type"] not in ("LoadImageFromFile", "LoadAnnotations")]
+    return Compose([dict(type="mmdet.LoadImageFromNDArray"), *steps])
+
+
+def _check_classes(labels, meta, opts):
+    trained = meta.get("classes") or meta.get("dataset_meta", {}).get("classes")
+    if trained is not None and list(trained) != list(labels):
+        raise UserError(f"{opts.label}: classes {list(labels)} differ from the classes the weights were "
+                        f"trained with {list(trained)}; use the label file of the training run")
 
 
 def run(opts):
-    raise UserError("inference is not implemented yet")
+    _check(opts)
+    labels = coco.load_labels(opts.label)
+    found = images.collect(opts.data)
+    device = launch.select_device(opts.device)
+
+    import torch
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import init_default_scope
+
+    from .. import checkpoints, drawing
+
+    weights = checkpoints.load_weights(opts.model_weights)
+    meta = weights.get("meta", {})
+    _check_classes(labels, meta, opts)
+    categories = meta.get("categories") or [{"id": i, "name": n} for i, n in enumerate(labels)]
+
+    with contextlib.redirect_stdout(sys.stderr):  # mmengine/mmdet print to stdout
+        cfg = _load_config(opts.model_weights, meta)
+        init_default_scope("mmdet")
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+
+        register_all_modules(init_default_scope=False)
+        model = MODELS.build(cfg.model)
+        model.load_state_dict(weights["state_dict"])
+        model.to(device).eval()
+    with_mask = meta.get("task", "segm") == "segm"
+
+    dataset = ImageDataset(found.images, _inference_pipeline(cfg), keep_original=not opts.no_draw)
+    # batch_size=None: the loader yields single items (read ahead by the workers); we batch by size.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers, shuffle=False)
+    os.makedirs(opts.output, exist_ok=True)
+    skipped, done = [], 0
+    log.info("inference: %d images from %s (%s), batch %d, %s", len(found.images), opts.data, found.kind,
+             opts.batch_size, device)
+    with predictions.InstancesWriter(os.path.join(opts.output, INSTANCES), categories) as writer, \
+            torch.no_grad():
+        for batch in same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size):
+            good = []
+            for item in batch:
+                if item.error:
+                    ref = found.images[item.index]
+                    log.warning("skipped %s: %s", ref.path, item.error)
+                    skipped.append(ref.path)
+                else:
+                    good.append(item)
+            if not good:
+                continue
+            results = model.test_step(pseudo_collate([item.data for item in good]))
+            for item, result in zip(good, results, strict=True):
+                ref = found.images[item.index]
+                height, width = result.ori_shape[:2]
+                pred = result.pred_instances
+                dets = predictions.detections(pred, height, width, with_mask, opts.score_threshold)
+                writer.add(item.index + 1, ref.name, int(width), int(height), dets)
+                if not opts.no_draw:
+                    masks = None
+                    if with_mask and "masks" in pred:
+                        masks = pred.masks[pred.scores >= opts.score_threshold].cpu().numpy().astype(bool)
+                    _write_image(os.path.join(opts.output, ref.name),
+                                 drawing.draw(item.original, dets, labels, masks))
+            done += len(good)
+            if done % max(50, opts.batch_size) < len(good):
+                log.info("inference: %d/%d images", done, len(found.images))
+    log.info("inference done: %d images, %d detections (score >= %g), %d skipped%s",
+             writer.num_images, writer.num_annotations, opts.score_threshold, len(skipped),
+             f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else "")
+    print(os.path.join(opts.output, INSTANCES))
+
+
+def _write_image(path, image):
+    import cv2
+
+    with artifacts.atomic_path(path) as tmp:
+        if not cv2.imwrite(tmp, image):
+            raise UserError(f"{path}: cannot write the drawn image (unsupported extension?)")

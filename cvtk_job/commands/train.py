@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import artifacts, coco, mmconfig, pretrained
+from .. import artifacts, coco, launch, mmconfig, pretrained
 from ..errors import UserError
 from .validate import check
 
@@ -22,6 +22,7 @@ class Plan:
     labels: list
     data: mmconfig.DataFiles
     num_train_images: int
+    categories: list
     base_config: str
     resume: bool
     resume_from: Optional[str]
@@ -64,30 +65,19 @@ def plan(opts):
                                              ("test", opts.test)) if path]
     reports = check(files, labels=labels, task=opts.task)
     num_train = _annotated_images(reports[0].data)
+    categories = [{"id": c["id"], "name": c["name"]} for c in sorted(reports[0].data["categories"],
+                                                                      key=lambda c: c["id"])]
     if num_train == 0:
         raise UserError(f"{opts.train}: no image has an annotation; training needs annotated images")
     base_config = mmconfig.resolve_model(opts.model, opts.task)
     resume, resume_from = _resume_point(opts, outputs)
     data = mmconfig.DataFiles(*(os.path.abspath(p) if p else None for p in (opts.train, opts.valid, opts.test)))
-    return Plan(outputs, labels, data, num_train, base_config, resume, resume_from)
-
-
-def _device(requested):
-    if requested == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: mmengine picks the device
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if requested == "cuda":
-        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or run on a GPU node")
-    return "cpu"
+    return Plan(outputs, labels, data, num_train, categories, base_config, resume, resume_from)
 
 
 def run(opts):
     p = plan(opts)
-    device = _device(opts.device)
+    device = launch.select_device(opts.device)
     load_from = p.resume_from
     if p.resume:
         log.info("resuming from %s", p.resume_from or f"the latest checkpoint in {p.outputs.workspace}")
@@ -114,7 +104,7 @@ def run(opts):
         if p.data.test:
             runner.test()
 
-    meta = {"classes": list(p.labels), "dataset_meta": {"classes": list(p.labels)},
+    meta = {"classes": list(p.labels), "dataset_meta": {"classes": list(p.labels)}, "categories": p.categories,
             "task": opts.task, "epoch": runner.epoch, "config": cfg.pretty_text,
             "cvtk_job": {"model": os.path.basename(p.base_config)}}
     checkpoints.save_weights(p.outputs.weights, runner.model, meta)

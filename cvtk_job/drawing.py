@@ -1,0 +1,40 @@
+"""Drawn predictions: filled translucent masks, boxes, "label score"; one fixed colour per class."""
+
+import colorsys
+
+import numpy as np
+
+MASK_ALPHA = 0.45
+
+
+def class_color(index):
+    """BGR colour of a class, the same in every image and run (golden-ratio hues)."""
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.8, 1.0)
+    return int(b * 255), int(g * 255), int(r * 255)
+
+
+def draw(image, found, class_names, masks=None):
+    """image: BGR uint8 (H, W, 3); found: detections (bbox xywh, score, label); masks: (N, H, W) bool."""
+    import cv2
+
+    out = image.copy()
+    height, width = out.shape[:2]
+    line = max(2, min(width, height) // 200)
+    font_scale = max(0.4, min(width, height) / 1000)
+    if masks is not None:
+        for det, mask in zip(found, masks, strict=True):
+            color = np.array(class_color(det["label"]), dtype=np.float32)
+            region = out[mask]
+            out[mask] = (region * (1 - MASK_ALPHA) + color * MASK_ALPHA).astype(np.uint8)
+    for det in found:
+        color = class_color(det["label"])
+        x, y, w, h = det["bbox"]
+        p1, p2 = (int(round(x)), int(round(y))), (int(round(x + w)), int(round(y + h)))
+        cv2.rectangle(out, p1, p2, color, line)
+        text = f"{class_names[det['label']]} {det['score']:.2f}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        top = max(0, p1[1] - th - base - 2)
+        cv2.rectangle(out, (p1[0], top), (p1[0] + tw + 4, top + th + base + 2), color, -1)
+        cv2.putText(out, text, (p1[0] + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return out

@@ -1,0 +1,101 @@
+"""Model outputs → COCO detections, and `instances.json` written as a stream.
+
+Shared by the test step of `train` and by `inference`, so both describe a detection the same way:
+`bbox` [x, y, w, h] clipped to the image, `score`, compressed-RLE `segmentation` (segm), `area`.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from .artifacts import atomic_path
+
+
+def detections(pred, height, width, with_mask=True, score_threshold=0.0):
+    """DetDataSample.pred_instances → [{label, score, bbox, area[, segmentation]}], best first."""
+    from pycocotools import mask as mask_utils
+
+    scores = pred["scores"].cpu().numpy()
+    keep = np.flatnonzero(scores >= score_threshold)
+    boxes = pred["bboxes"].cpu().numpy()[keep]
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    labels = pred["labels"].cpu().numpy()[keep]
+    rles = None
+    if with_mask and "masks" in pred and len(keep):
+        masks = pred["masks"][keep].cpu().numpy().astype(np.uint8)
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    found = []
+    for i, score in enumerate(scores[keep]):
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        det = {"label": int(labels[i]), "score": float(score), "bbox": [x1, y1, x2 - x1, y2 - y1],
+               "area": (x2 - x1) * (y2 - y1)}
+        if rles is not None:
+            det["area"] = float(mask_utils.area(rles[i]))
+            det["segmentation"] = {"size": [int(s) for s in rles[i]["size"]],
+                                   "counts": rles[i]["counts"].decode("ascii")}
+        found.append(det)
+    return found
+
+
+class InstancesWriter:
+    """Writes a COCO file image by image: memory stays flat however many images there are.
+
+    Images and annotations are appended to two temporary files; `close` joins them into the final
+    file under a temporary name and renames it, so a reader never sees half a file.
+    """
+
+    def __init__(self, path, categories):
+        self.path, self.categories = path, categories
+        self._dir = tempfile.mkdtemp(prefix=".instances.", dir=os.path.dirname(os.path.abspath(path)))
+        self._images = open(os.path.join(self._dir, "images"), "w", encoding="utf-8")
+        self._annotations = open(os.path.join(self._dir, "annotations"), "w", encoding="utf-8")
+        self.num_images = self.num_annotations = 0
+
+    @staticmethod
+    def _append(fh, count, record):
+        fh.write(("," if count else "") + json.dumps(record, ensure_ascii=False, allow_nan=False))
+
+    def add(self, image_id, file_name, width, height, found):
+        """Record one image and its detections; category ids come from `categories` by label index."""
+        self.num_images += 1
+        self._append(self._images, self.num_images - 1,
+                     {"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for det in found:
+            det = dict(det)
+            ann = {"id": self.num_annotations + 1, "image_id": image_id,
+                   "category_id": self.categories[det.pop("label")]["id"], "iscrowd": 0, **det}
+            self._append(self._annotations, self.num_annotations, ann)
+            self.num_annotations += 1
+        return image_id
+
+    def close(self):
+        self._images.close()
+        self._annotations.close()
+        with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            out.write('{"images": [')
+            with open(self._images.name, encoding="utf-8") as fh:
+                shutil.copyfileobj(fh, out)
+            out.write('], "categories": ' + json.dumps(self.categories, ensure_ascii=False))
+            out.write(', "annotations": [')
+            with open(self._annotations.name, encoding="utf-8") as fh:
+                shutil.copyfileobj(fh, out)
+            out.write("]}\n")
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def abort(self):
+        self._images.close()
+        self._annotations.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()

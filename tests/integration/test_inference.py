@@ -1,0 +1,140 @@
+"""inference and evaluate end to end on CPU, with a tiny model trained in the session."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+# A one-epoch model scores low: keep every detection so the outputs have something in them.
+LOW = ["--score_threshold", "0.0", "--device", "cpu", "--num_workers", "2"]
+
+
+def infer(small_data, weights, data, out, *extra):
+    return run_cli("inference", "--label", small_data / "label.txt", "--data", data,
+                   "--model_weights", weights, "--output", out, *LOW, *extra)
+
+
+def load_instances(out):
+    with open(out / "instances.json") as fh:
+        return json.load(fh, parse_constant=lambda t: pytest.fail(f"{t} in instances.json"))
+
+
+def test_folder_input_keeps_sub_folders_and_writes_loadable_coco(small_data, trained_segm, tmp_path):
+    data = tmp_path / "field"
+    src = sorted((small_data / "test" / "images").iterdir())
+    for sub, image in (("plot_a", src[0]), ("plot_b", src[0]), ("plot_b/day2", src[1])):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, data / sub / image.name)
+    out = tmp_path / "out"
+    result = infer(small_data, trained_segm, data, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(out / "instances.json")
+
+    names = [f"plot_a/{src[0].name}", f"plot_b/day2/{src[1].name}", f"plot_b/{src[0].name}"]
+    for name in names:  # equal file names in two folders: both drawn, none overwritten
+        with Image.open(out / name) as im:
+            assert im.size == Image.open(data / name).size
+    inst = load_instances(out)
+    assert sorted(i["file_name"] for i in inst["images"]) == sorted(names)
+    assert [c["name"] for c in inst["categories"]] == ["flower", "green_fruit", "red_fruit"]
+    assert [c["id"] for c in inst["categories"]] == [0, 1, 2]  # ids of the training data
+    anns = inst["annotations"]
+    assert anns and all({"bbox", "score", "category_id", "segmentation", "area", "iscrowd"} <= set(a) for a in anns)
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {"images": inst["images"], "categories": inst["categories"], "annotations": []}
+    coco.createIndex()
+    assert len(coco.loadRes(anns).getAnnIds()) == len(anns)
+
+
+def test_list_file_resolves_relative_paths_and_skips_a_corrupt_image(small_data, trained_segm, tmp_path):
+    images = sorted((small_data / "test" / "images").iterdir())
+    (tmp_path / "imgs").mkdir()
+    for image in images[:2]:
+        shutil.copy(image, tmp_path / "imgs" / image.name)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    listing = tmp_path / "test.txt"
+    listing.write_text(f"imgs/{images[0].name}\nimgs/broken.jpg\n\nimgs/{images[1].name}\n")
+    out = tmp_path / "out"
+    result = infer(small_data, trained_segm, listing, out, "--batch_size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipped {tmp_path / 'imgs' / 'broken.jpg'}: not a readable image" in result.stderr
+    assert "inference done: 2 images" in result.stderr and "1 skipped" in result.stderr
+    inst = load_instances(out)
+    assert [i["file_name"] for i in inst["images"]] == [f"imgs/{images[0].name}", f"imgs/{images[1].name}"]
+    assert sorted(p.name for p in (out / "imgs").iterdir()) == sorted(i.name for i in images[:2])
+
+
+def test_single_image_and_no_draw(small_data, trained_segm, tmp_path):
+    image = sorted((small_data / "test" / "images").iterdir())[0]
+    result = infer(small_data, trained_segm, image, tmp_path / "out", "--no_draw")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["instances.json"]
+    assert load_instances(tmp_path / "out")["images"][0]["file_name"] == image.name
+
+
+def _by_image(inst):
+    names = {i["id"]: i["file_name"] for i in inst["images"]}
+    found = {}
+    for a in inst["annotations"]:
+        found.setdefault(names[a["image_id"]], []).append((a["category_id"], a["score"], a["bbox"]))
+    return found
+
+
+def test_batch_size_does_not_change_predictions(small_data, trained_segm, tmp_path):
+    data = small_data / "test" / "segm.json"
+    runs = {}
+    for batch in (1, 4):
+        out = tmp_path / f"b{batch}"
+        result = infer(small_data, trained_segm, data, out, "--batch_size", str(batch), "--no_draw",
+                       "--score_threshold", "0.05")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[batch] = _by_image(load_instances(out))
+    assert runs[1].keys() == runs[4].keys()
+    # Convolutions over a batch may round differently in the last bits: compare with a tolerance,
+    # each detection against its twin.
+    for name, dets in runs[1].items():
+        assert len(dets) == len(runs[4][name]), name
+        for cat, score, box in dets:
+            twins = [d for d in runs[4][name] if d[0] == cat and abs(d[1] - score) < 1e-4
+                     and max(abs(u - v) for u, v in zip(d[2], box, strict=True)) < 0.01]
+            assert twins, f"{name}: {cat} {score:.4f} {box} has no twin"
+
+
+def test_coco_input_then_evaluate_matches_by_file_name(small_data, trained_segm, tmp_path):
+    out = tmp_path / "out"
+    result = infer(small_data, trained_segm, small_data / "test" / "segm.json", out, "--no_draw")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(load_instances(out)["images"]) == 5
+    stats = tmp_path / "stats.json"
+    result = run_cli("evaluate", "--gt", small_data / "test" / "segm.json", "--pred", out / "instances.json",
+                     "--output", stats)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "AP@[0.50:0.95|all|100]" in json.loads(stats.read_text())["stats"]
+
+
+def test_evaluate_reproduces_the_test_stats_of_train(small_data, trained_segm, tmp_path):
+    stats = tmp_path / "stats.json"
+    result = run_cli("evaluate", "--gt", small_data / "test" / "segm.json",
+                     "--pred", trained_segm.parent / "strawberry" / "test_outputs.coco.json", "--output", stats)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(stats.read_text()) == json.loads(trained_segm.with_suffix(".test_stats.json").read_text())
+
+
+def test_a_label_file_that_differs_from_the_weights_exits_2(small_data, trained_segm, tmp_path):
+    labels = tmp_path / "label.txt"
+    labels.write_text("green_fruit\nflower\nred_fruit\n")
+    result = run_cli("inference", "--label", labels, "--data", small_data / "test" / "images",
+                     "--model_weights", trained_segm, "--output", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"cvtk-job inference: error: {labels}: classes ['green_fruit', 'flower', 'red_fruit'] differ from the "
+        "classes the weights were trained with ['flower', 'green_fruit', 'red_fruit']; use the label file of "
+        "the training run")
+    assert not (tmp_path / "out").exists()
