@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup test test-fast demo lint clean bench
 
 setup: $(STAMP)
 
@@ -20,10 +20,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cvtk_job tests entrypoint.py
+	$(VENV)/bin/ruff check cvtk_job tests bench tools entrypoint.py
 
 demo: $(STAMP)
 	bash tools/demo.sh $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+bench: $(STAMP)
+	$(PY) bench/run.py

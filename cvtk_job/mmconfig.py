@@ -294,3 +294,16 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     cfg.metainfo = dict(classes=tuple(classes))
     cfg.cvtk_job = dict(task=opts.task, classes=classes)
     return cfg
+
+
+def raise_score_threshold(model_cfg, threshold):
+    """Drop detections below `threshold` inside the model, before the mask head runs on them.
+
+    The final per-class NMS only ever removes a box in favour of a higher-scoring one, so boxes at or
+    above the threshold come out the same; the mask head and RoIAlign, the slowest steps on CPU, no
+    longer run for boxes that would be thrown away afterwards.
+    """
+    def visit(d):
+        if isinstance(d.get("score_thr"), (int, float)) and d["score_thr"] < threshold:
+            d["score_thr"] = threshold
+    _walk(model_cfg.get("test_cfg") or {}, visit)

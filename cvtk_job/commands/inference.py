@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import artifacts, coco, images, launch, predictions
+from .. import artifacts, coco, images, launch, mmconfig, predictions
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def run(opts):
 
     with contextlib.redirect_stdout(sys.stderr):  # mmengine/mmdet print to stdout
         cfg = _load_config(opts.model_weights, meta)
+        mmconfig.raise_score_threshold(cfg.model, opts.score_threshold)
         init_default_scope("mmdet")
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
