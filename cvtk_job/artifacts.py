@@ -35,6 +35,7 @@ class TrainOutputs:
     valid_txt = property(lambda self: self.prefix + ".train_stats.valid.txt")
     valid_png = property(lambda self: self.prefix + ".train_stats.valid.png")
     test_stats = property(lambda self: self.prefix + ".test_stats.json")
+    done = property(lambda self: self.prefix + ".done.json")
     test_outputs = property(lambda self: os.path.join(self.prefix, "test_outputs.coco.json"))
 
 

@@ -27,7 +27,7 @@ class ImageSet:
     kind: str
 
 
-def _is_image_name(name):
+def is_image_name(name):
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
@@ -43,22 +43,25 @@ def _from_folder(folder):
         dirs.sort()
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in sorted(files):
-            if _is_image_name(name) and not name.startswith("."):
+            if is_image_name(name) and not name.startswith("."):
                 path = os.path.join(parent, name)
                 refs.append(ImageRef(path, os.path.relpath(path, folder)))
     return ImageSet(folder, refs, "folder")
 
 
+def list_entries(list_file):
+    """Image paths in a list file: first tab-separated column (cvtk's lists may carry more), no blanks."""
+    with open(list_file, encoding="utf-8") as fh:
+        entries = [line.split("\t")[0].strip() for line in fh]
+    return [e for e in entries if e and not e.startswith("#")]
+
+
 def _from_list(list_file):
     root = os.path.dirname(os.path.abspath(list_file))
     refs = []
-    with open(list_file, encoding="utf-8") as fh:
-        for line in fh:
-            entry = line.split("\t")[0].strip()  # cvtk's lists may carry extra tab-separated columns
-            if not entry or entry.startswith("#"):
-                continue
-            path = entry if os.path.isabs(entry) else os.path.join(root, entry)
-            refs.append(ImageRef(os.path.normpath(path), _relative(os.path.normpath(path), root)))
+    for entry in list_entries(list_file):
+        path = os.path.normpath(entry if os.path.isabs(entry) else os.path.join(root, entry))
+        refs.append(ImageRef(path, _relative(path, root)))
     return ImageSet(root, refs, "list")
 
 
@@ -86,7 +89,7 @@ def collect(data):
         raise UserError(f"--data {data}: no such file or folder")
     elif data.lower().endswith(".json"):
         found = _from_coco(data)
-    elif _is_image_name(data):
+    elif is_image_name(data):
         path = os.path.abspath(data)
         found = ImageSet(os.path.dirname(path), [ImageRef(path, os.path.basename(path))], "image")
     else:

@@ -114,6 +114,7 @@ class RunContext:
     device: str = "cpu"
     load_from: Optional[str] = None
     resume: bool = False
+    remote_prefix: Optional[str] = None  # s3:// prefix the outputs are synced to after every epoch
 
 
 def _walk(node, visit):
@@ -284,6 +285,9 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     cfg.log_processor = dict(type="LogProcessor", window_size=min(10, iters_per_epoch), by_epoch=True)
     cfg.custom_imports = dict(imports=["cvtk_job.mmhooks"], allow_failed_imports=False)
     cfg.custom_hooks = [dict(type="CvtkEpochStats", output_prefix=ctx.output_prefix)]
+    if ctx.remote_prefix:
+        cfg.custom_hooks.append(dict(type="CvtkSyncOut", output_prefix=ctx.output_prefix,
+                                     remote_prefix=ctx.remote_prefix))
     cfg.env_cfg = dict(cudnn_benchmark=False,
                        mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                        dist_cfg=dict(backend="nccl" if ctx.device == "cuda" else "gloo"))

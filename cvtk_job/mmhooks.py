@@ -7,6 +7,7 @@
 """
 
 import json
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -77,6 +78,40 @@ class CvtkEpochStats(Hook):
         self.valid_rows = [r for r in self.valid_rows if r["step"] != row["step"]] + [row]
         if is_main_process():
             artifacts.write_valid_stats(self.outputs, self.valid_rows)
+
+
+@HOOKS.register_module()
+class CvtkSyncOut(Hook):
+    """Uploads each epoch's checkpoint and stats to S3, so a run can resume on another machine.
+
+    Runs after CheckpointHook (priority VERY_LOW); the checkpoint goes up before the pointer to it, so
+    the pointer on S3 never names a checkpoint that is not there yet.
+    """
+
+    priority = "LOWEST"
+
+    def __init__(self, output_prefix, remote_prefix):
+        from . import storage
+
+        self.outputs = artifacts.TrainOutputs(output_prefix)
+        self.outbox = storage.Outbox(os.path.dirname(output_prefix), os.path.dirname(remote_prefix))
+
+    def _sync(self, runner):
+        if not is_main_process():
+            return
+        pointer = os.path.join(self.outputs.workspace, "last_checkpoint")
+        files = [self.outputs.train_txt, self.outputs.train_png, self.outputs.valid_txt, self.outputs.valid_png]
+        if os.path.isfile(pointer):
+            with open(pointer, encoding="utf-8") as fh:
+                files.append(fh.read().strip())
+        self.outbox.sync(files)
+        self.outbox.sync([pointer])
+
+    def after_train_epoch(self, runner):
+        self._sync(runner)
+
+    def after_val_epoch(self, runner, metrics=None):
+        self._sync(runner)
 
 
 @METRICS.register_module()

@@ -70,3 +70,13 @@ def trained_segm(small_data, tmp_path_factory):
                      "--model", TINY_MODELS["segm"], "--epoch", "1", *SPEED)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session, stopped by PID at the end."""
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()

@@ -1,22 +1,28 @@
 """`cvtk-job evaluate`: the test step's metrics for any predictions file (same code as `train`)."""
 
 import logging
+import os
 
-from .. import artifacts, coco, metrics
+from .. import artifacts, coco, metrics, storage
 from ..errors import DatasetError, UserError
 
 log = logging.getLogger(__name__)
 
 
 def run(opts):
-    report = coco.validate_coco(opts.gt, check_images=False)
+    report = coco.validate_coco(storage.stage_file(opts.gt), check_images=False)
     if report.errors:
         raise DatasetError([str(p) for p in report.errors])
     gt = report.data
-    pred = coco.read_json(opts.pred)
+    pred = coco.read_json(storage.stage_file(opts.pred))
     if not isinstance(pred, dict) or not isinstance(pred.get("annotations"), list):
         raise UserError(f"{opts.pred}: no 'annotations' list; pass test_outputs.coco.json or instances.json")
     stats = metrics.coco_stats(gt, pred, opts.iou_type, pred_name=opts.pred)
-    artifacts.write_json(opts.output, stats, indent=4)
+    if storage.is_s3(opts.output):
+        local = storage.staging_path(opts.output)
+        artifacts.write_json(local, stats, indent=4)
+        storage.Outbox(os.path.dirname(local), opts.output.rsplit("/", 1)[0]).sync([local])
+    else:
+        artifacts.write_json(opts.output, stats, indent=4)
     log.info("%s = %.4f", metrics.STAT_KEYS[0], stats["stats"][metrics.STAT_KEYS[0]])
     print(opts.output)

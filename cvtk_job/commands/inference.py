@@ -17,11 +17,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import artifacts, coco, images, launch, mmconfig, predictions
+from .. import artifacts, coco, images, launch, mmconfig, predictions, storage
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
 INSTANCES = "instances.json"
+DONE = "done.json"
 
 
 @dataclass
@@ -114,10 +115,35 @@ def _check_classes(labels, meta, opts):
                         f"trained with {list(trained)}; use the label file of the training run")
 
 
+def _stage_data(uri):
+    """`--data` on S3 → a local equivalent: a COCO JSON, one image, a list file or a prefix of images."""
+    if not storage.is_s3(uri):
+        return uri
+    if uri.lower().endswith(".json"):
+        return storage.stage_coco(uri)
+    if images.is_image_name(uri):
+        return storage.stage_file(uri)
+    if uri.endswith("/") or not storage.exists(uri):
+        return storage.stage_prefix(uri, keep=images.is_image_name)
+    local = storage.stage_file(uri)  # a list file: stage what it names relative to its prefix
+    entries = images.list_entries(local)
+    storage.stage_many(uri.rsplit("/", 1)[0], [e for e in entries if not os.path.isabs(e)], uri)
+    return local
+
+
+def _stage_weights(uri):
+    if not storage.is_s3(uri):
+        return uri
+    storage.stage_optional(os.path.splitext(uri)[0] + ".py")  # the config beside the weights, if any
+    return storage.stage_file(uri)
+
+
 def run(opts):
     _check(opts)
-    labels = coco.load_labels(opts.label)
-    found = images.collect(opts.data)
+    labels = coco.load_labels(storage.stage_file(opts.label))
+    found = images.collect(_stage_data(opts.data))
+    weights_path = _stage_weights(opts.model_weights)
+    output = storage.staging_path(opts.output) if storage.is_s3(opts.output) else opts.output
     device = launch.select_device(opts.device)
 
     import torch
@@ -126,13 +152,13 @@ def run(opts):
 
     from .. import checkpoints, drawing
 
-    weights = checkpoints.load_weights(opts.model_weights)
+    weights = checkpoints.load_weights(weights_path)
     meta = weights.get("meta", {})
     _check_classes(labels, meta, opts)
     categories = meta.get("categories") or [{"id": i, "name": n} for i, n in enumerate(labels)]
 
     with contextlib.redirect_stdout(sys.stderr):  # mmengine/mmdet print to stdout
-        cfg = _load_config(opts.model_weights, meta)
+        cfg = _load_config(weights_path, meta)
         mmconfig.raise_score_threshold(cfg.model, opts.score_threshold)
         init_default_scope("mmdet")
         from mmdet.registry import MODELS
@@ -147,11 +173,11 @@ def run(opts):
     dataset = ImageDataset(found.images, _inference_pipeline(cfg), keep_original=not opts.no_draw)
     # batch_size=None: the loader yields single items (read ahead by the workers); we batch by size.
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers, shuffle=False)
-    os.makedirs(opts.output, exist_ok=True)
+    os.makedirs(output, exist_ok=True)
     skipped, done = [], 0
     log.info("inference: %d images from %s (%s), batch %d, %s", len(found.images), opts.data, found.kind,
              opts.batch_size, device)
-    with predictions.InstancesWriter(os.path.join(opts.output, INSTANCES), categories) as writer, \
+    with predictions.InstancesWriter(os.path.join(output, INSTANCES), categories) as writer, \
             torch.no_grad():
         for batch in same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size):
             good = []
@@ -175,7 +201,7 @@ def run(opts):
                     masks = None
                     if with_mask and "masks" in pred:
                         masks = pred.masks[pred.scores >= opts.score_threshold].cpu().numpy().astype(bool)
-                    _write_image(os.path.join(opts.output, ref.name),
+                    _write_image(os.path.join(output, ref.name),
                                  drawing.draw(item.original, dets, labels, masks))
             done += len(good)
             if done % max(50, opts.batch_size) < len(good):
@@ -183,7 +209,20 @@ def run(opts):
     log.info("inference done: %d images, %d detections (score >= %g), %d skipped%s",
              writer.num_images, writer.num_annotations, opts.score_threshold, len(skipped),
              f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else "")
-    print(os.path.join(opts.output, INSTANCES))
+    _finish(output, opts.output)
+
+
+def _finish(local, target):
+    """Done marker last; for S3, upload everything, then the marker."""
+    marker = os.path.join(local, DONE)
+    written = [os.path.join(parent, f) for parent, _, files in os.walk(local) for f in files
+               if not f.startswith(".") and os.path.join(parent, f) != marker]
+    artifacts.write_json(marker, storage.done_marker(written, local), indent=2)
+    if storage.is_s3(target):
+        outbox = storage.Outbox(local, target)
+        outbox.sync(written)
+        outbox.sync([marker])
+    print(storage.join(target, INSTANCES) if storage.is_s3(target) else os.path.join(target, INSTANCES))
 
 
 def _write_image(path, image):

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import artifacts, coco, launch, mmconfig, pretrained
+from .. import artifacts, coco, launch, mmconfig, pretrained, storage
 from ..errors import UserError
 from .validate import check
 
@@ -19,6 +19,7 @@ class Plan:
     """Everything decided before torch is imported (so user errors stay fast and cheap)."""
 
     outputs: artifacts.TrainOutputs
+    remote: Optional[artifacts.TrainOutputs]
     labels: list
     data: mmconfig.DataFiles
     num_train_images: int
@@ -45,34 +46,77 @@ def _annotated_images(data):
     return sum(1 for img in data["images"] if img["id"] in with_boxes)
 
 
-def _resume_point(opts, outputs):
-    """(resume?, checkpoint) — `auto` continues when the workspace holds a checkpoint."""
+def _resume_point(opts, outputs, remote):
+    """(resume?, checkpoint) — `auto` continues when the workspace (local or on S3) holds a checkpoint."""
     if opts.resume == "none":
         return False, None
     if opts.resume == "auto":
         pointer = os.path.join(outputs.workspace, "last_checkpoint")
+        if not os.path.isfile(pointer) and remote is not None:
+            _fetch_remote_workspace(outputs, remote)
         return (True, None) if os.path.isfile(pointer) else (False, None)
-    if not os.path.isfile(opts.resume):
+    path = storage.stage_file(opts.resume)
+    if not os.path.isfile(path):
         raise UserError(f"--resume {opts.resume}: checkpoint not found; use auto, none or a .pth path")
-    return True, os.path.abspath(opts.resume)
+    return True, os.path.abspath(path)
+
+
+def _fetch_remote_workspace(outputs, remote):
+    """A fresh machine: bring the last checkpoint and the stats of an interrupted run back from S3."""
+    pointer_uri = storage.join(remote.workspace, "last_checkpoint")
+    if not storage.exists(pointer_uri):
+        return
+    with open(storage.stage_file(pointer_uri), encoding="utf-8") as fh:
+        name = os.path.basename(fh.read().strip())
+    local_ckpt = os.path.join(outputs.workspace, name)
+    os.makedirs(outputs.workspace, exist_ok=True)
+    os.replace(storage.stage_file(storage.join(remote.workspace, name)), local_ckpt)
+    for local, uri in ((outputs.train_txt, remote.train_txt), (outputs.valid_txt, remote.valid_txt)):
+        staged = storage.stage_optional(uri)
+        if staged:
+            artifacts.write_text(local, open(staged, encoding="utf-8").read())
+    # mmengine's pointer holds an absolute path: point it at this machine's copy.
+    artifacts.write_text(os.path.join(outputs.workspace, "last_checkpoint"), local_ckpt)
+    log.info("resuming from %s (fetched from S3)", storage.join(remote.workspace, name))
+
+
+def _outputs(opts):
+    """(local outputs, remote outputs or None): S3 outputs are written to a local staging folder first."""
+    if storage.is_s3(opts.output_weights):
+        remote = artifacts.TrainOutputs.from_weights(opts.output_weights)
+        return artifacts.TrainOutputs(storage.staging_path(remote.prefix)), remote
+    return artifacts.TrainOutputs.from_weights(opts.output_weights), None
 
 
 def plan(opts):
     _check_numbers(opts)
-    outputs = artifacts.TrainOutputs.from_weights(opts.output_weights)
-    labels = coco.load_labels(opts.label)
-    files = [(role, path) for role, path in (("train", opts.train), ("valid", opts.valid),
-                                             ("test", opts.test)) if path]
-    reports = check(files, labels=labels, task=opts.task)
+    outputs, remote = _outputs(opts)
+    labels = coco.load_labels(storage.stage_file(opts.label))
+    splits = [(role, storage.stage_coco(uri)) for role, uri in (("train", opts.train), ("valid", opts.valid),
+                                                                ("test", opts.test)) if uri]
+    reports = check(splits, labels=labels, task=opts.task)
     num_train = _annotated_images(reports[0].data)
-    categories = [{"id": c["id"], "name": c["name"]} for c in sorted(reports[0].data["categories"],
-                                                                      key=lambda c: c["id"])]
     if num_train == 0:
         raise UserError(f"{opts.train}: no image has an annotation; training needs annotated images")
+    categories = [{"id": c["id"], "name": c["name"]} for c in sorted(reports[0].data["categories"],
+                                                                      key=lambda c: c["id"])]
     base_config = mmconfig.resolve_model(opts.model, opts.task)
-    resume, resume_from = _resume_point(opts, outputs)
-    data = mmconfig.DataFiles(*(os.path.abspath(p) if p else None for p in (opts.train, opts.valid, opts.test)))
-    return Plan(outputs, labels, data, num_train, categories, base_config, resume, resume_from)
+    resume, resume_from = _resume_point(opts, outputs, remote)
+    local = dict(splits)
+    data = mmconfig.DataFiles(*(os.path.abspath(local[r]) if r in local else None
+                                for r in ("train", "valid", "test")))
+    return Plan(outputs, remote, labels, data, num_train, categories, base_config, resume, resume_from)
+
+
+def _test_stats(p, task):
+    from .. import metrics
+
+    gt = coco.read_json(p.data.test)
+    pred = coco.read_json(p.outputs.test_outputs)
+    stats = metrics.coco_stats(gt, pred, "segm" if task == "segm" else "bbox", pred_name=p.outputs.test_outputs)
+    artifacts.write_json(p.outputs.test_stats, stats, indent=4)
+    log.info("test: %s = %.4f over %d detections", metrics.STAT_KEYS[0], stats["stats"][metrics.STAT_KEYS[0]],
+             len(pred["annotations"]))
 
 
 def run(opts):
@@ -82,17 +126,18 @@ def run(opts):
     if p.resume:
         log.info("resuming from %s", p.resume_from or f"the latest checkpoint in {p.outputs.workspace}")
     else:
-        load_from = pretrained.resolve(opts.pretrained, p.base_config)
+        load_from = pretrained.resolve(storage.stage_file(opts.pretrained), p.base_config)
     if opts.amp and device != "cuda":
         log.warning("--amp needs CUDA; training in full precision on CPU")
 
-    from .. import checkpoints, metrics, mmhooks  # noqa: F401 - mmhooks registers our hook and metric
+    from .. import checkpoints, mmhooks  # noqa: F401 - mmhooks registers our hooks and metric
 
     checkpoints.allow_mmengine_checkpoints()
     ctx = mmconfig.RunContext(
         classes=p.labels, data=p.data, work_dir=os.path.abspath(p.outputs.workspace),
         output_prefix=os.path.abspath(p.outputs.prefix), num_train_images=p.num_train_images,
-        device=device, load_from=load_from, resume=p.resume)
+        device=device, load_from=load_from, resume=p.resume,
+        remote_prefix=p.remote.prefix if p.remote else None)
     cfg = mmconfig.build_config(opts, p.base_config, ctx)
 
     from mmengine.runner import Runner
@@ -114,14 +159,24 @@ def run(opts):
     if p.data.valid:
         written += [p.outputs.valid_txt, p.outputs.valid_png]
     if p.data.test:
-        gt = coco.read_json(p.data.test)
-        pred = coco.read_json(p.outputs.test_outputs)
-        stats = metrics.coco_stats(gt, pred, "segm" if opts.task == "segm" else "bbox",
-                                   pred_name=p.outputs.test_outputs)
-        artifacts.write_json(p.outputs.test_stats, stats, indent=4)
+        _test_stats(p, opts.task)
         written += [p.outputs.test_outputs, p.outputs.test_stats]
-        log.info("test: %s = %.4f over %d detections", metrics.STAT_KEYS[0],
-                 stats["stats"][metrics.STAT_KEYS[0]], len(pred["annotations"]))
-    log.info("done: %d epochs; outputs next to %s", runner.epoch, p.outputs.weights)
-    for path in written:
-        print(path)
+    written = [w for w in written if os.path.isfile(w)]
+    _finish(p, written)
+    log.info("done: %d epochs; outputs next to %s", runner.epoch,
+             p.remote.weights if p.remote else p.outputs.weights)
+
+
+def _finish(p, written):
+    """Upload (S3) and write the done marker last: its presence means every output is complete."""
+    root = os.path.dirname(p.outputs.prefix)
+    marker = storage.done_marker(written, root)
+    artifacts.write_json(p.outputs.done, marker, indent=2)
+    if p.remote is None:
+        for path in written:
+            print(path)
+        return
+    outbox = storage.Outbox(root, os.path.dirname(p.remote.prefix))
+    for uri in outbox.sync(written):
+        print(uri)
+    outbox.sync([p.outputs.done])

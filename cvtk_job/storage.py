@@ -1,0 +1,340 @@
+"""Local paths and `s3://bucket/key` URIs. The only module that imports boto3.
+
+Inputs are staged in to a local cache that mirrors the bucket's layout (so relative `file_name`s in
+a staged COCO JSON resolve to the staged images), skipping objects whose size and ETag are unchanged.
+Outputs are written locally and uploaded: S3 makes an object visible only once it is complete.
+Credentials and endpoint come from boto3's standard chain (environment, profile, web identity,
+instance role; `AWS_ENDPOINT_URL(_S3)`); nothing here ever prints them.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import sys
+import threading
+import time
+
+from .errors import StorageError, UserError
+
+log = logging.getLogger(__name__)
+PARALLEL = int(os.environ.get("CVTK_JOB_S3_PARALLEL", "16"))
+# Bounded retries: a restarting server (seconds) is waited out; an unreachable endpoint fails within
+# about RETRY_SECONDS instead of hanging. botocore retries quickly inside each of our attempts.
+RETRY_SECONDS = float(os.environ.get("CVTK_JOB_S3_RETRY_SECONDS", "45"))
+BOTO_ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 2, 5, 30
+USER_ERROR_CODES = {
+    "NoSuchBucket": "no such bucket", "NoSuchKey": "no such object", "404": "no such object",
+    "NotFound": "no such object", "AccessDenied": "access denied",
+    "403": "access denied: wrong keys or no permission",  # HEAD responses carry no error code
+    "InvalidAccessKeyId": "the access key is not known to the server",
+    "SignatureDoesNotMatch": "the secret key does not match the access key",
+    "InvalidBucketName": "invalid bucket name", "AllAccessDisabled": "access denied",
+}
+CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the pod's role"
+
+
+def is_s3(uri):
+    return isinstance(uri, str) and uri.startswith("s3://")
+
+
+def split(uri):
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise UserError(f"{uri}: an S3 URI looks like s3://bucket/key")
+    return bucket, key
+
+
+def join(uri, *parts):
+    return uri.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+
+
+def cache_root():
+    return os.environ.get("CVTK_JOB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cvtk-job")
+
+
+def cache_path(uri):
+    """Where an object is cached locally: <cache>/s3/<bucket>/<key> (mirrors the bucket)."""
+    bucket, key = split(uri)
+    return os.path.join(cache_root(), "s3", bucket, *key.split("/"))
+
+
+def staging_path(uri):
+    """Where outputs bound for `uri` are written before they are uploaded."""
+    bucket, key = split(uri)
+    return os.path.join(cache_root(), "outputs", bucket, *key.split("/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The client and its errors
+
+
+_client_lock = threading.Lock()
+_client = None
+
+
+def client():
+    global _client
+    with _client_lock:
+        if _client is None:
+            import boto3
+            from botocore.config import Config
+
+            _client = boto3.session.Session().client("s3", config=Config(
+                retries={"total_max_attempts": BOTO_ATTEMPTS, "mode": "standard"},
+                connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                max_pool_connections=PARALLEL + 4))
+        return _client
+
+
+def translate(err, uri):
+    """A boto3/botocore exception → UserError (exit 2) or StorageError (exit 3), naming the object."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        return UserError(f"{uri}: no S3 credentials found; {CREDENTIALS_HINT}")
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in USER_ERROR_CODES:
+            hint = CREDENTIALS_HINT if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                                                "403") else "check the bucket and key"
+            return UserError(f"{uri}: {USER_ERROR_CODES[code]} ({code}); {hint}")
+        return StorageError(f"{uri}: S3 error {code or status}, still failing after {RETRY_SECONDS:.0f} s of retries; "
+                            "retry later")
+    if isinstance(err, S3UploadFailedError):
+        text = str(err)
+        for code, what in USER_ERROR_CODES.items():
+            if f"({code})" in text:
+                return UserError(f"{uri}: {what} ({code}); {CREDENTIALS_HINT}")
+        return StorageError(f"{uri}: upload failed after retries ({text.splitlines()[0][:200]}); retry later")
+    if isinstance(err, EndpointConnectionError):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {err.kwargs.get('endpoint_url', '')} for "
+                            f"{RETRY_SECONDS:.0f} s; check AWS_ENDPOINT_URL_S3 and the network, then retry")
+    if isinstance(err, BotoCoreError):
+        return StorageError(f"{uri}: S3 request failed ({type(err).__name__}); retry later")
+    return None
+
+
+def _call(uri, fn, *args, **kwargs):
+    """Run an S3 operation; retry storage failures with backoff for up to RETRY_SECONDS."""
+    deadline, delay = time.monotonic() + RETRY_SECONDS, 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            mapped = translate(err, uri)
+            if mapped is None:
+                raise
+            if isinstance(mapped, UserError) or time.monotonic() + delay > deadline:
+                raise mapped from None
+            log.warning("%s: %s; retrying in %.1f s", uri, type(err).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def head(uri):
+    bucket, key = split(uri)
+    meta = _call(uri, client().head_object, Bucket=bucket, Key=key)
+    return meta["ContentLength"], meta["ETag"]
+
+
+def exists(uri):
+    try:
+        head(uri)
+        return True
+    except UserError as err:
+        if "no such object" in str(err):
+            return False
+        raise
+
+
+def list_objects(prefix_uri):
+    """{uri: (size, etag)} of every object under a prefix."""
+    bucket, prefix = split(prefix_uri)
+    found = {}
+    paginator = client().get_paginator("list_objects_v2")
+
+    def pages():
+        return list(paginator.paginate(Bucket=bucket, Prefix=prefix))
+
+    for page in _call(prefix_uri, pages):
+        for obj in page.get("Contents", []):
+            found[f"s3://{bucket}/{obj['Key']}"] = (obj["Size"], obj["ETag"])
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage in
+
+
+def _meta_path(local):
+    return os.path.join(os.path.dirname(local), ".cvtk-s3", os.path.basename(local) + ".json")
+
+
+def _cached(local, size, etag):
+    try:
+        with open(_meta_path(local)) as fh:
+            meta = json.load(fh)
+        return meta == {"size": size, "etag": etag} and os.path.getsize(local) == size
+    except (OSError, ValueError):
+        return False
+
+
+def _download(uri, local, size, etag):
+    bucket, key = split(uri)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f"{local}.part-{os.getpid()}-{threading.get_ident()}"
+    try:
+        _call(uri, client().download_file, bucket, key, tmp)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    os.makedirs(os.path.dirname(_meta_path(local)), exist_ok=True)
+    with open(_meta_path(local), "w") as fh:
+        json.dump({"size": size, "etag": etag}, fh)
+
+
+def stage_objects(objects, what="files"):
+    """Download {uri: (size, etag)} into the cache in parallel, skipping unchanged ones; {uri: local}."""
+    local = {uri: cache_path(uri) for uri in objects}
+    todo = [uri for uri in objects if not _cached(local[uri], *objects[uri])]
+    if todo:
+        total = sum(objects[u][0] for u in todo)
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc=f"staging {len(todo)} {what}",
+                  disable=None) as bar, concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+            futures = {pool.submit(_download, uri, local[uri], *objects[uri]): uri for uri in todo}
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                bar.update(objects[futures[future]][0])
+    log.info("staged %d %s (%d downloaded, %d unchanged in the cache)", len(objects), what, len(todo),
+             len(objects) - len(todo))
+    return local
+
+
+def stage_file(uri):
+    """A local path stays as it is; an s3:// object is cached locally (once) and its path returned."""
+    if not is_s3(uri):
+        return uri
+    return stage_objects({uri: head(uri)}, what="file")[uri]
+
+
+def stage_optional(uri):
+    """Like stage_file, but None when the object does not exist."""
+    if not is_s3(uri):
+        return uri if os.path.exists(uri) else None
+    return stage_file(uri) if exists(uri) else None
+
+
+def safe_relative(name, where):
+    """A file name inside a prefix: refuse absolute names and `..` (they would escape the prefix)."""
+    normal = posixpath.normpath(name)
+    if name.startswith("/") or normal == ".." or normal.startswith("../"):
+        raise UserError(f"{where}: file_name {name!r} points outside the JSON's folder; on S3 every "
+                        "file_name must be relative to the JSON's prefix, without '..'")
+    return normal
+
+
+def stage_many(base_uri, names, where):
+    """Stage base_uri/<name> for every name (listing the prefix once for sizes and ETags)."""
+    listed = list_objects(base_uri.rstrip("/") + "/")
+    wanted = {join(base_uri, safe_relative(n, where)) for n in names}
+    missing = sorted(wanted - set(listed))
+    if missing:
+        raise UserError(f"{where}: {len(missing)} referenced file(s) not on S3, e.g. {missing[0]}; upload "
+                        "them or fix the file names")
+    return stage_objects({uri: listed[uri] for uri in wanted}, what="images")
+
+
+def stage_coco(uri):
+    """Stage a COCO JSON and every image it names; returns the local JSON path."""
+    local = stage_file(uri)
+    if not is_s3(uri):
+        return local
+    with open(local, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except ValueError:
+            return local  # validation reports the syntax error with line and column
+    names = [img.get("file_name") for img in data.get("images", []) if isinstance(img, dict)] \
+        if isinstance(data, dict) else []
+    names = [n for n in names if isinstance(n, str)]
+    stage_many(uri.rsplit("/", 1)[0], names, uri)
+    return local
+
+
+def stage_prefix(prefix_uri, keep):
+    """Stage every object under a prefix whose name passes `keep`; returns the local folder."""
+    prefix_uri = prefix_uri.rstrip("/") + "/"
+    objects = {u: m for u, m in list_objects(prefix_uri).items() if keep(u)}
+    if not objects:
+        raise UserError(f"{prefix_uri}: no images under this prefix")
+    stage_objects(objects, what="images")
+    return cache_path(prefix_uri.rstrip("/") + "/x")[:-2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sync out
+
+
+class Outbox:
+    """Uploads files from a local folder to an S3 prefix; only what changed since the last sync."""
+
+    def __init__(self, local_root, remote_root):
+        self.local_root, self.remote_root = local_root, remote_root.rstrip("/")
+        self._sent = {}
+
+    def _remote(self, path):
+        rel = os.path.relpath(path, self.local_root).replace(os.sep, "/")
+        return f"{self.remote_root}/{rel}"
+
+    def _upload(self, path, uri):
+        bucket, key = split(uri)
+        _call(uri, client().upload_file, path, bucket, key)
+
+    def sync(self, paths):
+        """Upload the given files (those that changed since their last upload), in parallel."""
+        todo = []
+        for path in paths:
+            if not os.path.isfile(path):
+                continue
+            stamp = (os.path.getsize(path), os.path.getmtime(path))
+            if self._sent.get(path) != stamp:
+                todo.append((path, stamp))
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(lambda item: self._upload(item[0], self._remote(item[0])), todo))
+        for path, stamp in todo:
+            self._sent[path] = stamp
+        return [self._remote(p) for p, _ in todo]
+
+    def sync_tree(self, folder):
+        paths = [os.path.join(parent, f) for parent, _, files in os.walk(folder) for f in files
+                 if not f.startswith(".") and ".part-" not in f]
+        return self.sync(paths)
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def done_marker(paths, root):
+    """The success record: each output (relative to root) with its size and SHA-256."""
+    return {"outputs": [{"path": os.path.relpath(p, root).replace(os.sep, "/"), "size": os.path.getsize(p),
+                         "sha256": sha256(p)} for p in sorted(paths) if os.path.isfile(p)]}
