@@ -91,6 +91,47 @@ def bench_inference_memory(weights, small):
            "<= 1.1", ratio <= 1.1, "baseline column = the 40-image run")
 
 
+def bench_s3_staging():
+    """1,000 small images from a local SeaweedFS: ours vs `aws s3 sync` vs a sequential boto3 loop."""
+    sys.path.insert(0, str(REPO))
+    from tests.s3server import SeaweedS3
+
+    n = 1000
+    shutil.rmtree(WORK / "seaweedfs", ignore_errors=True)
+    server = SeaweedS3(WORK / "seaweedfs").start()
+    try:
+        client = server.client()
+        client.create_bucket(Bucket="bench")
+        sources = sorted((SAMPLE / "test" / "images").iterdir())
+        total = 0
+        for i in range(n):
+            body = sources[i % len(sources)].read_bytes()
+            total += len(body)
+            client.put_object(Bucket="bench", Key=f"images/{i:05d}.jpg", Body=body)
+        env = {**os.environ, **server.env()}
+
+        def timed(cmd, keep=False, **extra):
+            if not keep:
+                shutil.rmtree(WORK / "stage", ignore_errors=True)
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return time.perf_counter() - start
+
+        ours = timed([PY, REPO / "bench" / "stage_s3.py", "s3://bench/images/"], CVTK_JOB_CACHE=str(WORK / "stage"))
+        cached = timed([PY, REPO / "bench" / "stage_s3.py", "s3://bench/images/"], keep=True,
+                       CVTK_JOB_CACHE=str(WORK / "stage"))
+        aws = timed([Path(PY).parent / "aws", "s3", "sync", "--only-show-errors", "s3://bench/images/",
+                     WORK / "stage"])
+        loop = timed([PY, REPO / "bench" / "boto3_loop.py", "bench", "images/", WORK / "stage"])
+    finally:
+        server.stop()
+    mb = total / 2**20
+    report("S3 staging vs aws s3 sync", n / ours, n / aws, "files/s", aws / ours, ">= 1.0 (not slower)",
+           aws / ours >= 1.0, f"{n} images, {mb:.0f} MiB, cold cache; cvtk-job with a warm cache: {cached:.1f} s")
+    report("S3 staging vs sequential boto3 loop", n / ours, n / loop, "files/s", loop / ours, "(information)", True,
+           "same run")
+
+
 def machine():
     import torch
 
@@ -117,6 +158,7 @@ def main():
     weights = trained_model()
     ours, _ = bench_inference(weights)
     bench_inference_memory(weights, ours)
+    bench_s3_staging()
     write_table()
 
 

@@ -21,6 +21,8 @@ from .errors import StorageError, UserError
 
 log = logging.getLogger(__name__)
 PARALLEL = int(os.environ.get("CVTK_JOB_S3_PARALLEL", "16"))
+# Below this, one GET is cheaper than s3transfer's multipart machinery (threads per file).
+SMALL_OBJECT_BYTES = 8 * 2**20
 # Bounded retries: a restarting server (seconds) is waited out; an unreachable endpoint fails within
 # about RETRY_SECONDS instead of hanging. botocore retries quickly inside each of our attempts.
 RETRY_SECONDS = float(os.environ.get("CVTK_JOB_S3_RETRY_SECONDS", "45"))
@@ -191,12 +193,22 @@ def _cached(local, size, etag):
         return False
 
 
+def _get_small(bucket, key, path):
+    body = client().get_object(Bucket=bucket, Key=key)["Body"]
+    with open(path, "wb") as fh:
+        for chunk in body.iter_chunks(1 << 20):
+            fh.write(chunk)
+
+
 def _download(uri, local, size, etag):
     bucket, key = split(uri)
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = f"{local}.part-{os.getpid()}-{threading.get_ident()}"
     try:
-        _call(uri, client().download_file, bucket, key, tmp)
+        if size < SMALL_OBJECT_BYTES:
+            _call(uri, _get_small, bucket, key, tmp)
+        else:
+            _call(uri, client().download_file, bucket, key, tmp)
         os.replace(tmp, local)
     finally:
         if os.path.exists(tmp):
