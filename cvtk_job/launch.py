@@ -1,8 +1,83 @@
-"""Where a job runs: the device (and, with the clusters issue, the torch.distributed context)."""
+"""Where a job runs: the device, and the torch.distributed context it was launched in.
+
+Three launch contexts, detected from the environment (never a launcher of our own):
+- a plain process;
+- `torchrun --nproc_per_node=N …` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT already set);
+- a Slurm step with several tasks (`srun` inside `sbatch`): rank and world from SLURM_*, the master
+  address from the first host of the step's node list, and a port derived from the job id, so two
+  jobs sharing a node never pick the same port.
+"""
 
 import os
+import subprocess
+from dataclasses import dataclass
 
 from .errors import UserError
+
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
+
+
+@dataclass(frozen=True)
+class Launch:
+    kind: str  # "none", "torchrun" or "slurm"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _first_host(nodelist):
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]  # no scontrol: a plain first name
+
+
+def detect(env=None):
+    env = os.environ if env is None else env
+    if int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                      env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")))
+    if int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1"))) > 1 and "SLURM_PROCID" in env \
+            and "SLURM_STEP_ID" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return Launch("slurm", int(env["SLURM_PROCID"]),
+                      int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
+                      int(env.get("SLURM_LOCALID", "0")), _first_host(nodelist),
+                      int(env.get("MASTER_PORT") or SLURM_PORT_BASE + job % SLURM_PORT_SPAN))
+    return Launch("none")
+
+
+def init_distributed(launch, device):
+    """Join the process group (nccl on GPU, gloo on CPU) before MMEngine's Runner is built.
+
+    MMEngine's own initialisation calls torch.cuda.set_device, which fails on CPU nodes; joining the
+    group here lets the Runner find it initialised and skip its own.
+    """
+    if not launch.distributed:
+        return
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
+                      LOCAL_RANK=str(launch.local_rank), MASTER_ADDR=launch.master_addr,
+                      MASTER_PORT=str(launch.master_port))
+    if device == "cuda":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
 
 
 def select_device(requested):

@@ -111,6 +111,7 @@ class RunContext:
     output_prefix: str
     num_train_images: int
     world_size: int = 1
+    launcher: str = "none"  # "pytorch" when the process group is joined (see launch.init_distributed)
     device: str = "cpu"
     load_from: Optional[str] = None
     resume: bool = False
@@ -199,7 +200,8 @@ def _scale_schedule(schedulers, base_epochs, epochs, total_iters):
                 if isinstance(sched.get(key), (int, float)) and sched[key] > 0:
                     sched[key] = max(1, round(sched[key] * factor))
         else:
-            cap = max(1, int(total_iters * MAX_WARMUP_FRACTION))
+            # MMEngine's LinearLR never leaves its start factor when it spans a single iteration.
+            cap = max(2, int(total_iters * MAX_WARMUP_FRACTION))
             if isinstance(sched.get("end"), int) and sched["end"] > cap:
                 sched["end"] = cap
         scaled.append(sched)
@@ -284,14 +286,18 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=min(10, iters_per_epoch), ignore_last=False)
     cfg.log_processor = dict(type="LogProcessor", window_size=min(10, iters_per_epoch), by_epoch=True)
     cfg.custom_imports = dict(imports=["cvtk_job.mmhooks"], allow_failed_imports=False)
-    cfg.custom_hooks = [dict(type="CvtkEpochStats", output_prefix=ctx.output_prefix)]
+    cfg.custom_hooks = [dict(type="CvtkEpochStats", output_prefix=ctx.output_prefix),
+                        dict(type="CvtkStopOnSignal")]
     if ctx.remote_prefix:
         cfg.custom_hooks.append(dict(type="CvtkSyncOut", output_prefix=ctx.output_prefix,
                                      remote_prefix=ctx.remote_prefix))
     cfg.env_cfg = dict(cudnn_benchmark=False,
                        mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                        dist_cfg=dict(backend="nccl" if ctx.device == "cuda" else "gloo"))
-    cfg.launcher = "none"
+    cfg.launcher = ctx.launcher
+    if ctx.launcher != "none" and ctx.device == "cpu":
+        # MMEngine's default wrapper pins DDP to device_ids=[LOCAL_RANK], which only exists on GPUs.
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     cfg.work_dir = ctx.work_dir
     cfg.load_from = ctx.load_from
     cfg.resume = ctx.resume

@@ -81,6 +81,30 @@ class CvtkEpochStats(Hook):
 
 
 @HOOKS.register_module()
+class CvtkStopOnSignal(Hook):
+    """Ends the run at an iteration boundary after SIGTERM/SIGUSR1 (see cvtk_job.signals)."""
+
+    priority = "LOWEST"
+
+    def _check(self, runner):
+        from . import signals
+        from .errors import Interrupted
+
+        if signals.requested():
+            raise Interrupted(f"stopped by {signals.name()} during epoch {runner.epoch + 1}; the last complete "
+                              "epoch is checkpointed: rerun the same command to resume")
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._check(runner)
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._check(runner)
+
+    def after_train_epoch(self, runner):
+        self._check(runner)
+
+
+@HOOKS.register_module()
 class CvtkSyncOut(Hook):
     """Uploads each epoch's checkpoint and stats to S3, so a run can resume on another machine.
 

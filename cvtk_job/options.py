@@ -66,6 +66,8 @@ class TrainOptions:
     device: Device = opt("where to train", "auto")
     resume: str = opt("auto: continue an interrupted run of the same command; none: start over; "
                       "or a checkpoint path", "auto")
+    dry_run: bool = opt("check the arguments and print the plan as JSON, without reading data or training",
+                        False)
 
 
 @command_options
@@ -79,6 +81,7 @@ class InferenceOptions:
     score_threshold: float = opt("keep detections scoring at least this", 0.5)
     device: Device = opt("where to run", "auto")
     no_draw: bool = opt("write instances.json only, no drawn images", False)
+    dry_run: bool = opt("check the arguments and print the plan as JSON, without reading data", False)
 
 
 @command_options

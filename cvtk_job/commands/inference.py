@@ -140,6 +140,12 @@ def _stage_weights(uri):
 
 def run(opts):
     _check(opts)
+    if opts.dry_run:
+        import dataclasses
+        import json
+
+        print(json.dumps({"command": "inference", "options": dataclasses.asdict(opts)}, indent=2))
+        return
     labels = coco.load_labels(storage.stage_file(opts.label))
     found = images.collect(_stage_data(opts.data))
     weights_path = _stage_weights(opts.model_weights)

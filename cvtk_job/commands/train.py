@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import artifacts, coco, launch, mmconfig, pretrained, storage
+from .. import artifacts, coco, launch, mmconfig, pretrained, signals, storage
 from ..errors import UserError
 from .validate import check
 
@@ -120,6 +120,10 @@ def _test_stats(p, task):
 
 
 def run(opts):
+    signals.install()
+    where = launch.detect()
+    if opts.dry_run:
+        return _dry_run(opts, where)
     p = plan(opts)
     device = launch.select_device(opts.device)
     load_from = p.resume_from
@@ -136,9 +140,14 @@ def run(opts):
     ctx = mmconfig.RunContext(
         classes=p.labels, data=p.data, work_dir=os.path.abspath(p.outputs.workspace),
         output_prefix=os.path.abspath(p.outputs.prefix), num_train_images=p.num_train_images,
-        device=device, load_from=load_from, resume=p.resume,
+        device=device, load_from=load_from, resume=p.resume, world_size=where.world_size,
+        launcher="pytorch" if where.distributed else "none",
         remote_prefix=p.remote.prefix if p.remote else None)
     cfg = mmconfig.build_config(opts, p.base_config, ctx)
+    launch.init_distributed(where, device)
+    if where.distributed:
+        log.info("distributed: rank %d of %d (%s, master %s:%d)", where.rank, where.world_size, where.kind,
+                 where.master_addr, where.master_port)
 
     from mmengine.runner import Runner
 
@@ -148,6 +157,8 @@ def run(opts):
         runner.train()
         if p.data.test:
             runner.test()
+    if not where.is_main:
+        return  # only rank 0 writes and uploads outputs
 
     meta = {"classes": list(p.labels), "dataset_meta": {"classes": list(p.labels)}, "categories": p.categories,
             "task": opts.task, "epoch": runner.epoch, "config": cfg.pretty_text,
@@ -165,6 +176,20 @@ def run(opts):
     _finish(p, written)
     log.info("done: %d epochs; outputs next to %s", runner.epoch,
              p.remote.weights if p.remote else p.outputs.weights)
+
+
+def _dry_run(opts, where):
+    """Check the arguments and print the plan as JSON; touches no data, builds no model."""
+    import dataclasses
+    import json
+
+    _check_numbers(opts)
+    base_config = mmconfig.resolve_model(opts.model, opts.task)
+    outputs = artifacts.TrainOutputs.from_weights(opts.output_weights)
+    print(json.dumps({"command": "train", "options": dataclasses.asdict(opts), "model_config": base_config,
+                      "launch": dataclasses.asdict(where), "outputs": {"weights": outputs.weights,
+                                                                        "workspace": outputs.workspace}},
+                     indent=2))
 
 
 def _finish(p, written):

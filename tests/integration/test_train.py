@@ -166,3 +166,25 @@ def test_interrupted_run_resumes_at_the_next_epoch(small_data, tmp_path):
     _, rows = read_tsv(tmp_path / "strawberry.train_stats.valid.txt")
     assert [r["step"] for r in rows] in (["1", "2"], ["2"])  # epoch 1's validation may have been killed
     assert os.path.exists(tmp_path / "strawberry.test_stats.json")
+
+
+def test_sigterm_stops_with_75_and_the_rerun_finishes_with_every_epoch_once(small_data, tmp_path):
+    args = [sys.executable, str(REPO / "entrypoint.py"),
+            *map(str, train_args(small_data, tmp_path, "det", "--epoch", "3", splits=("valid",)))]
+    work = tmp_path / "strawberry"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (work / "last_checkpoint").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped by SIGTERM" in err.strip().splitlines()[-1]
+
+    result = run_cli(*args[2:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, rows = read_tsv(tmp_path / "strawberry.train_stats.train.txt")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    _, rows = read_tsv(tmp_path / "strawberry.train_stats.valid.txt")
+    assert [r["step"] for r in rows][-2:] == ["2", "3"]
