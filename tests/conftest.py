@@ -80,3 +80,13 @@ def s3_server(tmp_path_factory):
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-node Slurm on 127.0.0.1 for the session (installed from Debian if missing)."""
+    from tests.slurmcluster import SlurmCluster
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()

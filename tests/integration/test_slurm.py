@@ -1,0 +1,100 @@
+"""The real sbatch templates on a real Slurm (runtime `none`: this checkout's Python on the node)."""
+
+import json
+import re
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, SPEED, TINY_MODELS
+
+pytestmark = pytest.mark.slow
+SLURM = REPO / "slurm"
+# This machine has 2 CPUs: the templates' GPU-node defaults are overridden on the sbatch line, as a
+# user would for their cluster.
+SMALL = ["--cpus-per-task=1"]
+
+
+def job_env(tmp_path):
+    return {"CVTK_RUNTIME": "none", "CVTK_PYTHON": sys.executable, "PYTHONPATH": str(REPO),
+            "CVTK_JOB_CACHE": str(tmp_path / "cache")}
+
+
+def submit(slurm, tmp_path, script, *args, sbatch=(), wait=True):
+    import os
+
+    os.environ.update(job_env(tmp_path))  # sbatch exports the submitting environment to the job
+    cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *SMALL, *sbatch, *(["--wait"] if wait else []),
+           SLURM / script, *args]
+    return slurm.run(*cmd, timeout=900)
+
+
+def train_args(data, out, *extra):
+    return ["--label", data / "label.txt", "--train", data / "train" / "bbox.json", "--valid",
+            data / "valid" / "bbox.json", "--output_weights", out / "strawberry.pth", *SPEED,
+            "--model", TINY_MODELS["det"], "--task", "det", *extra]
+
+
+def log_of(tmp_path, name, job):
+    return (tmp_path / f"{name}-{job}.out").read_text()
+
+
+def rows(path):
+    return [line.split("\t")[0] for line in path.read_text().splitlines()[1:]]
+
+
+def test_train_then_inference_jobs(slurm, small_data, tmp_path):
+    result = submit(slurm, tmp_path, "train.sbatch", *train_args(small_data, tmp_path, "--epoch", "1"))
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    log = log_of(tmp_path, "cvtk-train", job)
+    assert (tmp_path / "strawberry.done.json").exists(), log[-3000:]
+    assert rows(tmp_path / "strawberry.train_stats.train.txt") == ["1"]
+
+    result = submit(slurm, tmp_path, "inference.sbatch", "--label", small_data / "label.txt", "--data",
+                    small_data / "test" / "images", "--model_weights", tmp_path / "strawberry.pth",
+                    "--output", tmp_path / "predictions", "--device", "cpu", "--score_threshold", "0.0")
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    instances = json.loads((tmp_path / "predictions" / "instances.json").read_text())
+    assert len(instances["images"]) == 5, log_of(tmp_path, "cvtk-inference", job)[-3000:]
+
+
+def test_two_ranks_train_together(slurm, small_data, tmp_path):
+    result = submit(slurm, tmp_path, "train.sbatch", *train_args(small_data, tmp_path, "--epoch", "1"),
+                    sbatch=["--ntasks-per-node=2", "--gres=gpu:2"])
+    job = result.stdout.strip().split(";")[0]
+    log = log_of(tmp_path, "cvtk-train", job)
+    assert result.returncode == 0, log[-3000:]
+    port = 20000 + int(job) % 20000
+    assert f"distributed: rank 0 of 2 (slurm, master {slurm.host}:{port})" in log
+    assert f"distributed: rank 1 of 2 (slurm, master {slurm.host}:{port})" in log
+    assert "current batch size is 8" in log  # 2 ranks x 4: the auto learning rate follows the global batch
+    assert rows(tmp_path / "strawberry.train_stats.train.txt") == ["1"]
+    assert json.loads((tmp_path / "strawberry.done.json").read_text())["outputs"]
+
+
+def test_a_signalled_job_requeues_and_finishes_from_its_checkpoint(slurm, small_data, tmp_path):
+    result = submit(slurm, tmp_path, "train.sbatch", *train_args(small_data, tmp_path, "--epoch", "3"),
+                    wait=False)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    deadline = time.time() + 600
+    while not (tmp_path / "strawberry" / "last_checkpoint").exists():
+        assert time.time() < deadline, slurm.run("scontrol", "show", "job", job).stdout
+        time.sleep(0.2)
+    # What Slurm's --signal=B:USR1@… does before the time limit: USR1 to the batch shell.
+    assert slurm.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
+    while True:
+        state = re.search(r"JobState=(\w+)", slurm.run("scontrol", "show", "job", job).stdout).group(1)
+        restarts = re.search(r"Restarts=(\d+)", slurm.run("scontrol", "show", "job", job).stdout).group(1)
+        if state == "COMPLETED" or state in ("FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        assert time.time() < deadline, state
+        time.sleep(1)
+    log = log_of(tmp_path, "cvtk-train", job)
+    assert state == "COMPLETED" and restarts == "1", log[-3000:]
+    assert "requeueing (restart 1 of 3)" in log
+    assert "resumed epoch:" in log
+    assert rows(tmp_path / "strawberry.train_stats.train.txt") == ["1", "2", "3"]

@@ -1,0 +1,124 @@
+"""A real one-node Slurm (Debian slurmctld + slurmd) on 127.0.0.1, started and stopped by the tests.
+
+auth/none (no munge), loopback only, two fake GPUs (character devices) so that templates asking for
+`--gres=gpu:N` are accepted, state wiped at every start. Daemons run in the foreground of processes
+we start, and are stopped by PID.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
+
+
+def ensure_installed():
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch")):
+        return
+    # A fresh machine: Debian's packages (as in the CI image); ~10 s.
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
+        subprocess.run(cmd, env=env, capture_output=True, check=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    def __init__(self, root):
+        self.root = Path(root)
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = self.root / "slurm.conf"
+        self.procs = []
+
+    @property
+    def env(self):
+        return {"SLURM_CONF": str(self.conf)}
+
+    def _write_config(self):
+        state, spool = self.root / "state", self.root / "spool"
+        shutil.rmtree(state, ignore_errors=True)  # a drained node state would survive restarts
+        state.mkdir(parents=True)
+        spool.mkdir(parents=True, exist_ok=True)
+        devices = self.root / "dev"
+        devices.mkdir(exist_ok=True)
+        for i in range(2):
+            dev = devices / f"nvidia{i}"
+            if not dev.exists():
+                os.mknod(dev, 0o666 | 0o020000, os.makedev(1, 3))  # like /dev/null
+        memory = 1024
+        out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True).stdout
+        for word in out.split():
+            if word.startswith("RealMemory="):
+                memory = int(word.split("=")[1])
+        self.conf.write_text(f"""ClusterName=cvtktest
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/none
+CredType=cred/none
+SlurmUser=root
+SlurmdUser=root
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+StateSaveLocation={state}
+SlurmdSpoolDir={spool}
+SlurmctldPidFile={self.root}/slurmctld.pid
+SlurmdPidFile={self.root}/slurmd.pid
+SlurmctldLogFile={self.root}/slurmctld.log
+SlurmdLogFile={self.root}/slurmd.log
+ReturnToService=2
+EnforcePartLimits=ALL
+SchedulerParameters=batch_sched_delay=0
+MinJobAge=300
+JobRequeue=1
+GresTypes=gpu
+MpiDefault=none
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs=2 RealMemory={memory} Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+""")
+        (self.root / "gres.conf").write_text(f"NodeName={self.host} Name=gpu File={devices}/nvidia[0-1]\n")
+
+    def start(self):
+        ensure_installed()
+        self._write_config()
+        env = dict(os.environ, **self.env)
+        log = open(self.root / "daemons.out", "ab")
+        self.procs.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], env=env,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(self.conf), "-N", self.host], env=env,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 60
+        while True:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            if out.strip() in ("idle", "mixed"):
+                return self
+            if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"Slurm did not come up: {out!r}; see {self.root}")
+            time.sleep(0.3)
+
+    def stop(self):
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs = []
+
+    def run(self, *cmd, **kwargs):
+        return subprocess.run(list(map(str, cmd)), env=dict(os.environ, **self.env), capture_output=True,
+                              text=True, **kwargs)
