@@ -188,3 +188,22 @@ def test_sigterm_stops_with_75_and_the_rerun_finishes_with_every_epoch_once(smal
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     _, rows = read_tsv(tmp_path / "strawberry.train_stats.valid.txt")
     assert [r["step"] for r in rows][-2:] == ["2", "3"]
+
+
+def test_torchrun_two_processes_train_once_with_complete_outputs(small_data, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node=2", str(REPO / "entrypoint.py"),
+           *map(str, train_args(small_data, tmp_path, "segm", "--epoch", "1", "--batch_size", "2"))]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed: rank 0 of 2 (torchrun" in result.stderr
+    assert "distributed: rank 1 of 2 (torchrun" in result.stderr
+    assert "current batch size is 4" in result.stderr  # 2 processes x 2: LR follows the global batch
+    printed = result.stdout.splitlines()
+    assert printed.count(str(tmp_path / "strawberry.pth")) == 1  # rank 0 alone writes and reports
+    done = json.loads((tmp_path / "strawberry.done.json").read_text())
+    assert {o["path"] for o in done["outputs"]} >= {"strawberry.pth", "strawberry.test_stats.json",
+                                                    "strawberry/test_outputs.coco.json"}
+    outputs = strict_json(tmp_path / "strawberry" / "test_outputs.coco.json")
+    assert len(outputs["images"]) == 5  # both ranks' test images gathered
+    assert {a["image_id"] for a in outputs["annotations"]} <= {i["id"] for i in outputs["images"]}

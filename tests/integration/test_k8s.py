@@ -1,0 +1,175 @@
+"""k8s/: every Kustomize overlay renders, passes the official schemas strictly, and our own checks.
+
+No Kubernetes API server can run here, so manifests are checked offline: `kubectl kustomize` renders
+them, `kubernetes-validate` checks each object against the official schema of a pinned version, and
+`check_objects` checks what schemas cannot see. Deliberately broken copies must fail.
+"""
+
+import copy
+import shlex
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from cvtk_job.cli import parse
+from tests.conftest import REPO
+
+K8S_VERSION = "1.32.0"
+KUSTOMIZATIONS = [REPO / "k8s" / "base", *sorted((REPO / "k8s" / "overlays").iterdir())]
+
+
+def render(folder):
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def _flag(command, name):
+    for i, word in enumerate(command):
+        if word.startswith(f"{name}="):
+            return word.split("=", 1)[1]
+        if word == name:
+            return command[i + 1]
+    return None
+
+
+def check_objects(docs):
+    """What the schemas miss; returns a list of problems (empty when all is well)."""
+    problems = []
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for doc in docs:
+        if doc["kind"] != "Job":
+            continue
+        name, spec = doc["metadata"]["name"], doc["spec"]
+        pod = spec["template"]["spec"]
+        labels = spec["template"].get("metadata", {}).get("labels", {})
+        if pod.get("restartPolicy") not in ("Never", "OnFailure"):
+            problems.append(f"{name}: a Job's restartPolicy must be Never or OnFailure")
+        if spec.get("podFailurePolicy") and pod.get("restartPolicy") != "Never":
+            problems.append(f"{name}: podFailurePolicy needs restartPolicy Never")
+        if spec.get("completionMode") == "Indexed" and not spec.get("completions"):
+            problems.append(f"{name}: an Indexed Job needs completions")
+        for container in pod["containers"]:
+            res = container.get("resources", {})
+            req, lim = res.get("requests", {}).get("nvidia.com/gpu"), res.get("limits", {}).get("nvidia.com/gpu")
+            if req != lim:
+                problems.append(f"{name}: GPU request {req} differs from limit {lim}")
+            sec = container.get("securityContext", {})
+            if sec.get("allowPrivilegeEscalation") is not False or sec.get("capabilities", {}).get("drop") != ["ALL"]:
+                problems.append(f"{name}: container must drop ALL capabilities and forbid privilege escalation")
+            command = container.get("command", [])
+            nnodes = _flag(command, "--nnodes")
+            if nnodes is not None and int(nnodes) != spec.get("completions", 1):
+                problems.append(f"{name}: torchrun --nnodes={nnodes} but completions={spec.get('completions')}")
+        if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
+            problems.append(f"{name}: pods must run as non-root")
+        if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name}: pods need the RuntimeDefault seccomp profile")
+        subdomain = pod.get("subdomain")
+        if spec.get("completionMode") == "Indexed" and subdomain not in services:
+            problems.append(f"{name}: subdomain {subdomain!r} is not the name of a Service")
+        if subdomain in services:
+            selector = services[subdomain]["spec"].get("selector", {})
+            if not selector or any(labels.get(k) != v for k, v in selector.items()):
+                problems.append(f"{name}: Service {subdomain} selector {selector} does not match the pods")
+    return problems
+
+
+def cli_args(container):
+    """The cvtk-job arguments a container runs: after entrypoint.py when torchrun starts it."""
+    command, args = container.get("command", []), container.get("args", [])
+    if command and command[-1].endswith("entrypoint.py"):
+        return args
+    return command[1:] + args if command else args
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_renders_and_passes_strict_schemas_and_our_checks(folder):
+    docs = render(folder)
+    assert {d["kind"] for d in docs} >= {"Job", "Service", "ServiceAccount"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert check_objects(docs) == []
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_container_arguments_parse_with_the_real_cli(folder):
+    jobs = [d for d in render(folder) if d["kind"] == "Job"]
+    assert len(jobs) == 3
+    for job in jobs:
+        for container in job["spec"]["template"]["spec"]["containers"]:
+            command, opts = parse(cli_args(container))
+            assert command in ("train", "inference")
+            assert all(str(v).startswith("s3://") for k, v in vars(opts).items()
+                       if k in ("label", "train", "data", "model_weights", "output", "output_weights"))
+
+
+def test_the_example_dry_run_prints_a_plan(cli):
+    job = next(d for d in render(REPO / "k8s" / "overlays" / "example") if d["metadata"]["name"] == "cvtk-train")
+    result = cli(*cli_args(job["spec"]["template"]["spec"]["containers"][0]), "--dry_run")
+    assert result.returncode == 0, result.stderr
+    assert '"output_weights": "s3://plant-lab/runs/2026-11/strawberry.pth"' in result.stdout
+
+
+def _broken(mutate, name="cvtk-train-multinode"):
+    docs = copy.deepcopy(render(REPO / "k8s" / "base"))
+    target = next(d for d in docs if d["metadata"]["name"] == name and d["kind"] == "Job")
+    mutate(target, docs)
+    return docs
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda j, d: j["spec"]["template"]["spec"].update(restartPolicy="Always"), "restartPolicy"),
+    (lambda j, d: j["spec"].pop("completions"), "Indexed Job needs completions"),
+    (lambda j, d: j["spec"]["template"]["spec"].update(subdomain="elsewhere"), "is not the name of a Service"),
+    (lambda j, d: j["spec"]["template"]["metadata"]["labels"].update({"app.kubernetes.io/component": "x"}),
+     "selector"),
+    (lambda j, d: j["spec"].update(completions=3), "--nnodes=2 but completions=3"),
+    (lambda j, d: j["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].update(
+        {"nvidia.com/gpu": "2"}), "GPU request 1 differs from limit 2"),
+    (lambda j, d: j["spec"]["template"]["spec"]["containers"][0]["securityContext"].update(
+        allowPrivilegeEscalation=True), "privilege escalation"),
+])
+def test_broken_manifests_fail_our_checks(mutate, message):
+    problems = check_objects(_broken(mutate))
+    assert any(message in p for p in problems), problems
+
+
+def test_broken_manifests_fail_the_strict_schema():
+    docs = _broken(lambda j, d: j["spec"]["template"]["spec"]["containers"][0].update(imagePullPolicey="Always"))
+    job = next(d for d in docs if d["metadata"]["name"] == "cvtk-train-multinode" and d["kind"] == "Job")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    docs = _broken(lambda j, d: j["spec"].update(backoffLimit="three"))
+    job = next(d for d in docs if d["metadata"]["name"] == "cvtk-train-multinode" and d["kind"] == "Job")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
+def sbatch_examples(script):
+    """The `sbatch …` command lines in a template's header comment, continuation lines joined."""
+    text, lines = "", []
+    for line in script.read_text().splitlines():
+        if not line.startswith("#"):
+            continue
+        body = line.lstrip("#").strip()
+        if body.startswith("sbatch ") or text:
+            text += body.rstrip("\\").strip() + " "
+            if not body.endswith("\\"):
+                lines.append(text.strip())
+                text = ""
+    return lines
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_examples_parse_with_the_real_cli(script):
+    examples = sbatch_examples(script)
+    assert examples, f"{script.name} shows no example"
+    verb = "inference" if "inference" in script.name else "train"
+    assert f"run_cvtk {verb} \"$@\"" in script.read_text()
+    for example in examples:
+        words = shlex.split(example.replace("…", "x"))
+        args = words[words.index(next(w for w in words if w.endswith(".sbatch"))) + 1:]
+        command, _ = parse([verb, *args])
+        assert command == verb
