@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup test test-fast demo lint clean bench
+.PHONY: setup test test-fast demo lint clean bench image image-test
 
 setup: $(STAMP)
 
@@ -30,3 +30,13 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The CUDA image (pulls nvidia/cuda bases and torch from PyPI; compiles mmcv's CUDA ops).
+IMAGE ?= cvtk-job:0.1.0
+image:
+	DOCKER_BUILDKIT=1 docker build -t $(IMAGE) .
+
+# Build the image from this Dockerfile on a locally made CPU base with this machine's wheels, and run
+# train/inference in it (what CI does; no registry needed).
+image-test: $(STAMP)
+	$(PY) -m pytest -q tests/integration/test_image.py

@@ -7,6 +7,7 @@ commands that need them, never here, so `--help`, `validate` and argument errors
 import argparse
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -69,6 +70,17 @@ def _setup_logging():
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def _termination_log(code, message):
+    """Kubernetes shows /dev/termination-log as the pod's termination message: say why in one line."""
+    path = os.environ.get("CVTK_JOB_TERMINATION_LOG", "/dev/termination-log")
+    if os.path.exists(path):
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(f"exit {code}: {message}"[:4000])
+        except OSError:
+            pass
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     name, opts = parse(argv)
@@ -80,13 +92,16 @@ def main(argv=None):
     except DatasetError as err:
         for line in err.problems:
             print(f"error: {line}", file=sys.stderr)
+        _termination_log(err.exit_code, f"{len(err.problems)} dataset problem(s), first: {err.problems[0]}")
         return err.exit_code
     except CvtkJobError as err:
         print(f"cvtk-job {name}: error: {err}", file=sys.stderr)
+        _termination_log(err.exit_code, str(err))
         return err.exit_code
     except KeyboardInterrupt:
         print(f"cvtk-job {name}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - the one place that turns a bug into exit code 1
+    except Exception as err:  # noqa: BLE001 - the one place that turns a bug into exit code 1
         log.exception("unexpected error (a bug in cvtk-job, please report it)")
+        _termination_log(EXIT_BUG, f"unexpected {type(err).__name__}: {err}")
         return EXIT_BUG

@@ -283,11 +283,13 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     cfg.randomness = dict(seed=opts.seed, deterministic=False)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True,
                                         max_keep_ckpts=2, save_last=True)
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=min(10, iters_per_epoch), ignore_last=False)
-    cfg.log_processor = dict(type="LogProcessor", window_size=min(10, iters_per_epoch), by_epoch=True)
+    # A progress line (epoch, iteration, loss, ETA) at least twice an epoch and every 10 iterations.
+    log_interval = max(1, min(10, iters_per_epoch // 2))
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=log_interval, ignore_last=False)
+    cfg.log_processor = dict(type="LogProcessor", window_size=log_interval, by_epoch=True)
     cfg.custom_imports = dict(imports=["cvtk_job.mmhooks"], allow_failed_imports=False)
     cfg.custom_hooks = [dict(type="CvtkEpochStats", output_prefix=ctx.output_prefix),
-                        dict(type="CvtkStopOnSignal")]
+                        dict(type="CvtkRunGuard")]
     if ctx.remote_prefix:
         cfg.custom_hooks.append(dict(type="CvtkSyncOut", output_prefix=ctx.output_prefix,
                                      remote_prefix=ctx.remote_prefix))

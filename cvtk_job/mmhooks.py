@@ -37,6 +37,11 @@ class CvtkEpochStats(Hook):
         done = runner.epoch
         self.train_rows = [r for r in artifacts.read_tsv(self.outputs.train_txt) if r.get("epoch", 0) <= done]
         self.valid_rows = [r for r in artifacts.read_tsv(self.outputs.valid_txt) if r.get("step", 0) <= done]
+        # Interrupted between the checkpoint and the end of that epoch's validation: validate it now, so
+        # the validation stats have one row per epoch and no gap.
+        if done and runner.val_loop is not None and not any(r.get("step") == done for r in self.valid_rows):
+            runner.logger.info(f"validating epoch {done}, whose validation the interruption cut short")
+            runner.val_loop.run()
 
     def before_train_epoch(self, runner):
         self._sums = defaultdict(list)
@@ -64,6 +69,7 @@ class CvtkEpochStats(Hook):
 
     def before_val_epoch(self, runner):
         self._val_times = defaultdict(list)
+        runner.logger.info(f"validating epoch {runner.epoch}")
 
     def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         hub = runner.message_hub
@@ -81,8 +87,9 @@ class CvtkEpochStats(Hook):
 
 
 @HOOKS.register_module()
-class CvtkStopOnSignal(Hook):
-    """Ends the run at an iteration boundary after SIGTERM/SIGUSR1 (see cvtk_job.signals)."""
+class CvtkRunGuard(Hook):
+    """Ends the run at an iteration boundary after SIGTERM/SIGUSR1 or --time_limit (exit 75, see
+    cvtk_job.signals), and at once when the loss stops being finite (exit 4)."""
 
     priority = "LOWEST"
 
@@ -95,6 +102,15 @@ class CvtkStopOnSignal(Hook):
                               "epoch is checkpointed: rerun the same command to resume")
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        import math
+
+        from .errors import TrainingError
+
+        loss = (outputs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss.item() if hasattr(loss, "item") else loss)):
+            raise TrainingError(f"the loss became {float(loss)} at epoch {runner.epoch + 1}, iteration "
+                                f"{batch_idx + 1}: training diverged; lower the learning rate (--lr, e.g. half "
+                                "of the auto value) or raise --batch_size, then start over with --resume none")
         self._check(runner)
 
     def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):

@@ -66,6 +66,8 @@ class TrainOptions:
     device: Device = opt("where to train", "auto")
     resume: str = opt("auto: continue an interrupted run of the same command; none: start over; "
                       "or a checkpoint path", "auto")
+    time_limit: Optional[str] = opt("stop like on SIGTERM (checkpoint, exit 75) after this much wall time, "
+                                    "e.g. 3h50m, to stay inside a scheduler's limit", None)
     dry_run: bool = opt("check the arguments and print the plan as JSON, without reading data or training",
                         False)
 

@@ -58,3 +58,21 @@ def resolve(pretrained, base_config):
     if not os.path.isfile(pretrained):
         raise UserError(f"--pretrained {pretrained}: file not found; use auto, none, a path or a URL")
     return os.path.abspath(pretrained)
+
+
+def bake(names, folder):
+    """Download the COCO checkpoints of the given model names into `folder` (image builds)."""
+    os.makedirs(folder, exist_ok=True)
+    import torch
+
+    for name in names:
+        url = mmconfig.checkpoint_url(mmconfig.resolve_model(name, "segm"))
+        if url is None:
+            raise UserError(f"{name}: mmdet's model index has no checkpoint for it")
+        torch.hub.download_url_to_file(url, os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path)))
+
+
+if __name__ == "__main__":
+    import sys
+
+    bake(sys.argv[1:], os.environ.get("CVTK_JOB_PRETRAINED_DIR", "."))

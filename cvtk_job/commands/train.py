@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,11 +55,44 @@ def _resume_point(opts, outputs, remote):
         pointer = os.path.join(outputs.workspace, "last_checkpoint")
         if not os.path.isfile(pointer) and remote is not None:
             _fetch_remote_workspace(outputs, remote)
-        return (True, None) if os.path.isfile(pointer) else (False, None)
+        if not os.path.isfile(pointer):
+            return False, None
+        return (True, None) if _usable_checkpoint(outputs.workspace, pointer) else (False, None)
     path = storage.stage_file(opts.resume)
     if not os.path.isfile(path):
         raise UserError(f"--resume {opts.resume}: checkpoint not found; use auto, none or a .pth path")
     return True, os.path.abspath(path)
+
+
+def _intact(path):
+    """A torch checkpoint is a zip file: a truncated or torn one has no readable central directory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _usable_checkpoint(workspace, pointer):
+    """Point `last_checkpoint` at the newest intact epoch checkpoint; False when there is none."""
+    import glob
+    import re
+
+    with open(pointer, encoding="utf-8") as fh:
+        latest = fh.read().strip()
+    if _intact(latest):
+        return True
+    candidates = sorted(glob.glob(os.path.join(workspace, "epoch_*.pth")),
+                        key=lambda p: int(re.search(r"epoch_(\d+)\.pth$", p).group(1)), reverse=True)
+    for candidate in candidates:
+        if os.path.abspath(candidate) != os.path.abspath(latest) and _intact(candidate):
+            log.warning("the latest checkpoint %s is damaged; resuming from %s instead", latest, candidate)
+            artifacts.write_text(pointer, os.path.abspath(candidate))
+            return True
+    log.warning("the latest checkpoint %s is damaged and no earlier one is intact; starting over", latest)
+    return False
 
 
 def _fetch_remote_workspace(outputs, remote):
@@ -120,11 +154,36 @@ def _test_stats(p, task):
 
 
 def run(opts):
-    signals.install()
+    signals.install(signals.parse_duration(opts.time_limit) if opts.time_limit else None)
     where = launch.detect()
     if opts.dry_run:
         return _dry_run(opts, where)
     p = plan(opts)
+    try:
+        _train(opts, p, where)
+    except BaseException as err:
+        if where.is_main:
+            _record_failure(p, err)
+        raise
+
+
+def _record_failure(p, err):
+    """X.failed.json beside the outputs (and on S3): what stopped the run, for people and pipelines."""
+    from ..errors import CvtkJobError
+
+    code = err.exit_code if isinstance(err, CvtkJobError) else 1
+    record = {"exit_code": code, "error": type(err).__name__, "message": str(err)[:2000],
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        artifacts.write_json(p.outputs.failed, record, indent=2)
+        if p.remote is not None:
+            storage.Outbox(os.path.dirname(p.outputs.prefix), os.path.dirname(p.remote.prefix)).sync(
+                [p.outputs.failed])
+    except Exception as write_err:  # noqa: BLE001 - never hide the original error behind this one
+        log.warning("could not write the failure record: %s", write_err)
+
+
+def _train(opts, p, where):
     device = launch.select_device(opts.device)
     load_from = p.resume_from
     if p.resume:
@@ -195,6 +254,8 @@ def _dry_run(opts, where):
 def _finish(p, written):
     """Upload (S3) and write the done marker last: its presence means every output is complete."""
     root = os.path.dirname(p.outputs.prefix)
+    if os.path.exists(p.outputs.failed):
+        os.unlink(p.outputs.failed)  # an earlier attempt failed; this one did not
     marker = storage.done_marker(written, root)
     artifacts.write_json(p.outputs.done, marker, indent=2)
     if p.remote is None:

@@ -1,0 +1,117 @@
+"""Fault tests: signals at three points, a damaged checkpoint, divergence; nothing lost, nothing doubled."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.conftest import REPO, SPEED, TINY_MODELS, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def args_for(data, out, epochs, *extra):
+    return ["train", "--label", data / "label.txt", "--train", data / "train" / "bbox.json",
+            "--valid", data / "valid" / "bbox.json", "--output_weights", out, *SPEED,
+            "--model", TINY_MODELS["det"], "--task", "det", "--epoch", str(epochs), *extra]
+
+
+def run_and_signal(args, marker, sig=signal.SIGTERM, env=None):
+    """Start the CLI, send `sig` when `marker` appears on stderr; return (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    lines, sent = [], []
+    timer = threading.Timer(900, proc.kill)
+    timer.start()
+    for line in proc.stderr:
+        lines.append(line)
+        if not sent and marker in line:
+            proc.send_signal(sig)
+            sent.append(line)
+    proc.wait()
+    timer.cancel()
+    assert sent, f"never saw {marker!r}"
+    return proc.returncode, "".join(lines)
+
+
+def column(path, name):
+    lines = path.read_text().splitlines()
+    index = lines[0].split("\t").index(name)
+    return [line.split("\t")[index] for line in lines[1:]]
+
+
+@pytest.mark.parametrize("where, marker", [
+    ("during an epoch", "Epoch(train) [2][2/"),
+    ("during validation", "validating epoch 1"),
+    ("during the checkpoint write", "Saving checkpoint at 1 epochs"),
+])
+def test_sigterm_then_rerun_gives_every_epoch_exactly_once(small_data, tmp_path, where, marker):
+    out = tmp_path / "strawberry.pth"
+    code, err = run_and_signal(args_for(small_data, out, 3, "--batch_size", "2"), marker)
+    assert code == 75, err[-3000:]
+    assert "stopped by SIGTERM" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "strawberry.done.json").exists()
+    assert json.loads((tmp_path / "strawberry.failed.json").read_text())["exit_code"] == 75
+
+    result = run_cli(*args_for(small_data, out, 3, "--batch_size", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert column(tmp_path / "strawberry.train_stats.train.txt", "epoch") == ["1", "2", "3"]
+    assert column(tmp_path / "strawberry.train_stats.valid.txt", "step") == ["1", "2", "3"]
+    assert (tmp_path / "strawberry.done.json").exists() and not (tmp_path / "strawberry.failed.json").exists()
+    # 16 images / batch 2 = 8 iterations an epoch: the resumed run ends at iteration 24, as an uninterrupted one
+    import torch
+
+    from cvtk_job import checkpoints
+
+    checkpoints.allow_mmengine_checkpoints()
+    state = torch.load(tmp_path / "strawberry" / "epoch_3.pth", map_location="cpu")
+    assert state["meta"]["epoch"] == 3 and state["meta"]["iter"] == 24
+
+
+def test_damaged_last_checkpoint_resumes_from_the_previous_one(small_data, tmp_path):
+    out = tmp_path / "strawberry.pth"
+    assert run_cli(*args_for(small_data, out, 2)).returncode == 0
+    last = tmp_path / "strawberry" / "epoch_2.pth"
+    with open(last, "r+b") as fh:
+        fh.truncate(last.stat().st_size // 2)  # a write cut short by a crash
+    result = run_cli(*args_for(small_data, out, 3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"the latest checkpoint {last} is damaged; resuming from" in result.stderr
+    assert "resumed epoch: 1" in result.stderr
+    assert column(tmp_path / "strawberry.train_stats.train.txt", "epoch") == ["1", "2", "3"]
+
+
+def test_sigterm_with_outputs_on_s3_and_a_wiped_machine(s3_server, small_data, tmp_path):
+    bucket = "cvtk-faults"
+    s3_server.client().create_bucket(Bucket=bucket)
+    s3_server.upload_tree(small_data, bucket, "data")
+    d = f"s3://{bucket}/data"
+    args = ["train", "--label", f"{d}/label.txt", "--train", f"{d}/train/bbox.json", "--valid",
+            f"{d}/valid/bbox.json", "--output_weights", f"s3://{bucket}/run/strawberry.pth", *SPEED,
+            "--model", TINY_MODELS["det"], "--task", "det", "--epoch", "3", "--batch_size", "2"]
+    env = {**s3_server.env(), "CVTK_JOB_CACHE": str(tmp_path / "cache")}
+    code, err = run_and_signal(args, "Epoch(train) [2][2/", env=env)
+    assert code == 75, err[-3000:]
+    shutil.rmtree(tmp_path / "cache")  # the pod is gone: nothing local survives
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fetched from S3" in result.stderr
+    body = s3_server.client().get_object(Bucket=bucket, Key="run/strawberry.train_stats.train.txt")["Body"]
+    assert [line.split("\t")[0] for line in body.read().decode().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_divergence_stops_with_exit_4_and_a_hint(small_data, tmp_path):
+    termination = tmp_path / "termination-log"
+    termination.write_text("")
+    result = run_cli(*args_for(small_data, tmp_path / "strawberry.pth", 2, "--lr", "1e6"),
+                     env={"CVTK_JOB_TERMINATION_LOG": str(termination)})
+    assert result.returncode == 4, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "training diverged; lower the learning rate (--lr" in last
+    assert termination.read_text().startswith("exit 4: the loss became")
