@@ -31,6 +31,7 @@ COMMANDS = {
     "evaluate": Command(options.EvaluateOptions, "COCO metrics of predictions against ground truth"),
     "validate": Command(options.ValidateOptions, "check a dataset and its label file (no GPU needed)"),
     "doctor": Command(options.DoctorOptions, "check that the installed stack can train"),
+    "create": Command(options.CreateOptions, "write a beginner's train/inference script (the tutorial's first step)"),
 }
 
 EPILOG = """exit codes: 0 ok, 1 unexpected bug, 2 wrong input (never retry), 3 storage/network failed

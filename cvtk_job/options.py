@@ -108,5 +108,15 @@ class ValidateOptions:
 
 
 @command_options
+class CreateOptions:
+    script: str = opt("where to write the script, e.g. segm.py")
+    task: Task = opt("segm: Mask R-CNN on instance masks; det: Faster R-CNN on boxes", "segm")
+    vanilla: bool = opt("use MMDetection/MMEngine directly instead of cvtk-job", False)
+    model: Optional[str] = opt("the architecture written into the script (default: Mask R-CNN R101 for "
+                               "segm, Faster R-CNN R101 for det)", None)
+    force: bool = opt("overwrite the script if it exists", False)
+
+
+@command_options
 class DoctorOptions:
     pass

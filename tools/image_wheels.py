@@ -31,7 +31,10 @@ def pin_groups():
     return [runtime, build]
 
 
-def main(dest=os.path.join(REPO, "wheels")):
+DEFAULT_DEST = os.path.join(REPO, "wheels")
+
+
+def main(dest=DEFAULT_DEST):
     os.makedirs(dest, exist_ok=True)
     wheelhouse = os.environ.get("CVTK_JOB_WHEELHOUSE") or glob.glob(os.path.join(
         os.environ.get("CVTK_JOB_CACHE") or os.path.expanduser("~/.cache/cvtk-job"), "wheelhouse", "*"))[0]

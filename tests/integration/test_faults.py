@@ -47,7 +47,7 @@ def column(path, name):
 
 
 @pytest.mark.parametrize("where, marker", [
-    ("during an epoch", "Epoch(train) [2][2/"),
+    ("during an epoch", "Epoch(train) [2][4/8]"),
     ("during validation", "validating epoch 1"),
     ("during the checkpoint write", "Saving checkpoint at 1 epochs"),
 ])
@@ -96,7 +96,7 @@ def test_sigterm_with_outputs_on_s3_and_a_wiped_machine(s3_server, small_data, t
             f"{d}/valid/bbox.json", "--output_weights", f"s3://{bucket}/run/strawberry.pth", *SPEED,
             "--model", TINY_MODELS["det"], "--task", "det", "--epoch", "3", "--batch_size", "2"]
     env = {**s3_server.env(), "CVTK_JOB_CACHE": str(tmp_path / "cache")}
-    code, err = run_and_signal(args, "Epoch(train) [2][2/", env=env)
+    code, err = run_and_signal(args, "Epoch(train) [2][4/8]", env=env)
     assert code == 75, err[-3000:]
     shutil.rmtree(tmp_path / "cache")  # the pod is gone: nothing local survives
     result = run_cli(*args, env=env)
