@@ -54,6 +54,19 @@ def small_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """An even smaller copy (8 train, 3 valid, 3 test images) for tests that train several times."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("strawberry_tiny")
+    shutil.copy(SAMPLE / "label.txt", root / "label.txt")
+    for split, n in (("train", 8), ("valid", 3), ("test", 3)):
+        for kind in ("segm", "bbox"):
+            make_subset(SAMPLE / split / f"{kind}.json", root / split / f"{kind}.json", n)
+    return root
+
+
 TINY_MODELS = {"segm": REPO / "examples" / "configs" / "tiny_mask_rcnn.py",
                "det": REPO / "examples" / "configs" / "tiny_faster_rcnn.py"}
 # Speed options only: tiny model, small images, random init, CPU.

@@ -47,56 +47,56 @@ def column(path, name):
 
 
 @pytest.mark.parametrize("where, marker", [
-    ("during an epoch", "Epoch(train) [2][4/8]"),
+    ("during an epoch", "Epoch(train) [2][2/4]"),
     ("during validation", "validating epoch 1"),
     ("during the checkpoint write", "Saving checkpoint at 1 epochs"),
 ])
-def test_sigterm_then_rerun_gives_every_epoch_exactly_once(small_data, tmp_path, where, marker):
+def test_sigterm_then_rerun_gives_every_epoch_exactly_once(tiny_data, tmp_path, where, marker):
     out = tmp_path / "strawberry.pth"
-    code, err = run_and_signal(args_for(small_data, out, 3, "--batch_size", "2"), marker)
+    code, err = run_and_signal(args_for(tiny_data, out, 3, "--batch_size", "2"), marker)
     assert code == 75, err[-3000:]
     assert "stopped by SIGTERM" in err.strip().splitlines()[-1]
     assert not (tmp_path / "strawberry.done.json").exists()
     assert json.loads((tmp_path / "strawberry.failed.json").read_text())["exit_code"] == 75
 
-    result = run_cli(*args_for(small_data, out, 3, "--batch_size", "2"))
+    result = run_cli(*args_for(tiny_data, out, 3, "--batch_size", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert column(tmp_path / "strawberry.train_stats.train.txt", "epoch") == ["1", "2", "3"]
     assert column(tmp_path / "strawberry.train_stats.valid.txt", "step") == ["1", "2", "3"]
     assert (tmp_path / "strawberry.done.json").exists() and not (tmp_path / "strawberry.failed.json").exists()
-    # 16 images / batch 2 = 8 iterations an epoch: the resumed run ends at iteration 24, as an uninterrupted one
+    # 8 images / batch 2 = 4 iterations an epoch: the resumed run ends at iteration 12, as an uninterrupted one
     import torch
 
     from cvtk_job import checkpoints
 
     checkpoints.allow_mmengine_checkpoints()
     state = torch.load(tmp_path / "strawberry" / "epoch_3.pth", map_location="cpu")
-    assert state["meta"]["epoch"] == 3 and state["meta"]["iter"] == 24
+    assert state["meta"]["epoch"] == 3 and state["meta"]["iter"] == 12
 
 
-def test_damaged_last_checkpoint_resumes_from_the_previous_one(small_data, tmp_path):
+def test_damaged_last_checkpoint_resumes_from_the_previous_one(tiny_data, tmp_path):
     out = tmp_path / "strawberry.pth"
-    assert run_cli(*args_for(small_data, out, 2)).returncode == 0
+    assert run_cli(*args_for(tiny_data, out, 2)).returncode == 0
     last = tmp_path / "strawberry" / "epoch_2.pth"
     with open(last, "r+b") as fh:
         fh.truncate(last.stat().st_size // 2)  # a write cut short by a crash
-    result = run_cli(*args_for(small_data, out, 3))
+    result = run_cli(*args_for(tiny_data, out, 3))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"the latest checkpoint {last} is damaged; resuming from" in result.stderr
     assert "resumed epoch: 1" in result.stderr
     assert column(tmp_path / "strawberry.train_stats.train.txt", "epoch") == ["1", "2", "3"]
 
 
-def test_sigterm_with_outputs_on_s3_and_a_wiped_machine(s3_server, small_data, tmp_path):
+def test_sigterm_with_outputs_on_s3_and_a_wiped_machine(s3_server, tiny_data, tmp_path):
     bucket = "cvtk-faults"
     s3_server.client().create_bucket(Bucket=bucket)
-    s3_server.upload_tree(small_data, bucket, "data")
+    s3_server.upload_tree(tiny_data, bucket, "data")
     d = f"s3://{bucket}/data"
     args = ["train", "--label", f"{d}/label.txt", "--train", f"{d}/train/bbox.json", "--valid",
             f"{d}/valid/bbox.json", "--output_weights", f"s3://{bucket}/run/strawberry.pth", *SPEED,
             "--model", TINY_MODELS["det"], "--task", "det", "--epoch", "3", "--batch_size", "2"]
     env = {**s3_server.env(), "CVTK_JOB_CACHE": str(tmp_path / "cache")}
-    code, err = run_and_signal(args, "Epoch(train) [2][4/8]", env=env)
+    code, err = run_and_signal(args, "Epoch(train) [2][2/4]", env=env)
     assert code == 75, err[-3000:]
     shutil.rmtree(tmp_path / "cache")  # the pod is gone: nothing local survives
     result = run_cli(*args, env=env)
@@ -106,10 +106,10 @@ def test_sigterm_with_outputs_on_s3_and_a_wiped_machine(s3_server, small_data, t
     assert [line.split("\t")[0] for line in body.read().decode().splitlines()[1:]] == ["1", "2", "3"]
 
 
-def test_divergence_stops_with_exit_4_and_a_hint(small_data, tmp_path):
+def test_divergence_stops_with_exit_4_and_a_hint(tiny_data, tmp_path):
     termination = tmp_path / "termination-log"
     termination.write_text("")
-    result = run_cli(*args_for(small_data, tmp_path / "strawberry.pth", 2, "--lr", "1e6"),
+    result = run_cli(*args_for(tiny_data, tmp_path / "strawberry.pth", 2, "--lr", "1e6"),
                      env={"CVTK_JOB_TERMINATION_LOG": str(termination)})
     assert result.returncode == 4, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]

@@ -44,25 +44,25 @@ def rows(path):
     return [line.split("\t")[0] for line in path.read_text().splitlines()[1:]]
 
 
-def test_train_then_inference_jobs(slurm, small_data, tmp_path):
-    result = submit(slurm, tmp_path, "train.sbatch", *train_args(small_data, tmp_path, "--epoch", "1"))
+def test_train_then_inference_jobs(slurm, tiny_data, tmp_path):
+    result = submit(slurm, tmp_path, "train.sbatch", *train_args(tiny_data, tmp_path, "--epoch", "1"))
     assert result.returncode == 0, result.stderr
     job = result.stdout.strip().split(";")[0]
     log = log_of(tmp_path, "cvtk-train", job)
     assert (tmp_path / "strawberry.done.json").exists(), log[-3000:]
     assert rows(tmp_path / "strawberry.train_stats.train.txt") == ["1"]
 
-    result = submit(slurm, tmp_path, "inference.sbatch", "--label", small_data / "label.txt", "--data",
-                    small_data / "test" / "images", "--model_weights", tmp_path / "strawberry.pth",
+    result = submit(slurm, tmp_path, "inference.sbatch", "--label", tiny_data / "label.txt", "--data",
+                    tiny_data / "test" / "images", "--model_weights", tmp_path / "strawberry.pth",
                     "--output", tmp_path / "predictions", "--device", "cpu", "--score_threshold", "0.0")
     assert result.returncode == 0, result.stderr
     job = result.stdout.strip().split(";")[0]
     instances = json.loads((tmp_path / "predictions" / "instances.json").read_text())
-    assert len(instances["images"]) == 5, log_of(tmp_path, "cvtk-inference", job)[-3000:]
+    assert len(instances["images"]) == 3, log_of(tmp_path, "cvtk-inference", job)[-3000:]
 
 
-def test_two_ranks_train_together(slurm, small_data, tmp_path):
-    result = submit(slurm, tmp_path, "train.sbatch", *train_args(small_data, tmp_path, "--epoch", "1"),
+def test_two_ranks_train_together(slurm, tiny_data, tmp_path):
+    result = submit(slurm, tmp_path, "train.sbatch", *train_args(tiny_data, tmp_path, "--epoch", "1"),
                     sbatch=["--ntasks-per-node=2", "--gres=gpu:2"])
     job = result.stdout.strip().split(";")[0]
     log = log_of(tmp_path, "cvtk-train", job)
@@ -75,8 +75,8 @@ def test_two_ranks_train_together(slurm, small_data, tmp_path):
     assert json.loads((tmp_path / "strawberry.done.json").read_text())["outputs"]
 
 
-def test_a_signalled_job_requeues_and_finishes_from_its_checkpoint(slurm, small_data, tmp_path):
-    result = submit(slurm, tmp_path, "train.sbatch", *train_args(small_data, tmp_path, "--epoch", "3"),
+def test_a_signalled_job_requeues_and_finishes_from_its_checkpoint(slurm, tiny_data, tmp_path):
+    result = submit(slurm, tmp_path, "train.sbatch", *train_args(tiny_data, tmp_path, "--epoch", "4"),
                     wait=False)
     assert result.returncode == 0, result.stderr
     job = result.stdout.strip().split(";")[0]
@@ -97,4 +97,4 @@ def test_a_signalled_job_requeues_and_finishes_from_its_checkpoint(slurm, small_
     assert state == "COMPLETED" and restarts == "1", log[-3000:]
     assert "requeueing (restart 1 of 3)" in log
     assert "resumed epoch:" in log
-    assert rows(tmp_path / "strawberry.train_stats.train.txt") == ["1", "2", "3"]
+    assert rows(tmp_path / "strawberry.train_stats.train.txt") == ["1", "2", "3", "4"]
