@@ -72,6 +72,14 @@ class InstancesWriter:
             self.num_annotations += 1
         return image_id
 
+    def add_coco(self, image, annotations):
+        """Append an image record and its annotations as they are (annotation ids renumbered)."""
+        self.num_images += 1
+        self._append(self._images, self.num_images - 1, image)
+        for ann in annotations:
+            self._append(self._annotations, self.num_annotations, dict(ann, id=self.num_annotations + 1))
+            self.num_annotations += 1
+
     def close(self):
         self._images.close()
         self._annotations.close()
@@ -99,3 +107,20 @@ class InstancesWriter:
             self.close()
         else:
             self.abort()
+
+
+def merge_parts(parts, path, categories):
+    """Join the per-process files of a distributed run into one, images in input order."""
+    with InstancesWriter(path, categories) as writer:
+        loaded = []
+        for part in parts:
+            with open(part, encoding="utf-8") as fh:
+                loaded.append(json.load(fh))
+        by_image = {}
+        for data in loaded:
+            for ann in data["annotations"]:
+                by_image.setdefault(ann["image_id"], []).append(ann)
+        for image in sorted((img for data in loaded for img in data["images"]), key=lambda img: img["id"]):
+            writer.add_coco(image, by_image.get(image["id"], []))
+    for part in parts:
+        os.unlink(part)

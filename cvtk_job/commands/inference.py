@@ -176,18 +176,24 @@ def run(opts):
         model.to(device).eval()
     with_mask = meta.get("task", "segm") == "segm"
 
-    dataset = ImageDataset(found.images, _inference_pipeline(cfg), keep_original=not opts.no_draw)
+    # Several processes (torchrun, srun): each takes every world_size-th image and writes its own part.
+    where = launch.detect()
+    launch.init_distributed(where, device)
+    shard = list(range(where.rank, len(found.images), where.world_size))
+    part = os.path.join(output, f".{INSTANCES}.part{where.rank}") if where.distributed else None
+    dataset = ImageDataset([found.images[i] for i in shard], _inference_pipeline(cfg), keep_original=not opts.no_draw)
     # batch_size=None: the loader yields single items (read ahead by the workers); we batch by size.
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers, shuffle=False)
     os.makedirs(output, exist_ok=True)
     skipped, done = [], 0
     log.info("inference: %d images from %s (%s), batch %d, %s", len(found.images), opts.data, found.kind,
              opts.batch_size, device)
-    with predictions.InstancesWriter(os.path.join(output, INSTANCES), categories) as writer, \
+    with predictions.InstancesWriter(part or os.path.join(output, INSTANCES), categories) as writer, \
             torch.no_grad():
         for batch in same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size):
             good = []
             for item in batch:
+                item.index = shard[item.index]  # position in this shard → position in the whole input
                 if item.error:
                     ref = found.images[item.index]
                     log.warning("skipped %s: %s", ref.path, item.error)
@@ -215,6 +221,14 @@ def run(opts):
     log.info("inference done: %d images, %d detections (score >= %g), %d skipped%s",
              writer.num_images, writer.num_annotations, opts.score_threshold, len(skipped),
              f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else "")
+    if where.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # every part is complete
+        if not where.is_main:
+            return
+        predictions.merge_parts([os.path.join(output, f".{INSTANCES}.part{r}") for r in range(where.world_size)],
+                                os.path.join(output, INSTANCES), categories)
     _finish(output, opts.output)
 
 

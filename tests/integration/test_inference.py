@@ -138,3 +138,28 @@ def test_a_label_file_that_differs_from_the_weights_exits_2(small_data, trained_
         "classes the weights were trained with ['flower', 'green_fruit', 'red_fruit']; use the label file of "
         "the training run")
     assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_shards_the_images_and_merges_one_instances_json(small_data, trained_segm, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    data = small_data / "test" / "segm.json"
+    single = infer(small_data, trained_segm, data, tmp_path / "single", "--no_draw", "--score_threshold", "0.05")
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--nproc_per_node=2", str(REPO / "entrypoint.py"), "inference", "--label",
+                             str(small_data / "label.txt"), "--data", str(data), "--model_weights", str(trained_segm),
+                             "--output", str(tmp_path / "two"), *LOW, "--score_threshold", "0.05"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(tmp_path / "two" / "instances.json")  # reported once, by rank 0
+    two = load_instances(tmp_path / "two")
+    assert [i["id"] for i in two["images"]] == [1, 2, 3, 4, 5]  # every image once, in input order
+    assert sorted(p.name for p in (tmp_path / "two").iterdir())[:2] == ["done.json", "images"]
+    ones = _by_image(load_instances(tmp_path / "single"))
+    for name, dets in _by_image(two).items():
+        assert [(c, round(s, 4)) for c, s, _ in dets] == [(c, round(s, 4)) for c, s, _ in ones[name]]
