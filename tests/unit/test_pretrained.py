@@ -1,0 +1,35 @@
+"""--pretrained: none, a local file, and checkpoints baked into an image found without network."""
+
+import pytest
+
+from cvtk_job import mmconfig, pretrained
+from cvtk_job.errors import UserError
+
+
+def test_auto_finds_a_baked_checkpoint_without_network(tmp_path, monkeypatch):
+    config = mmconfig.resolve_model(None, "segm")
+    name = mmconfig.checkpoint_url(config).rsplit("/", 1)[1]
+    (tmp_path / name).write_bytes(b"baked")
+    monkeypatch.setenv("CVTK_JOB_PRETRAINED_DIR", str(tmp_path))
+    monkeypatch.setenv("CVTK_JOB_CACHE", str(tmp_path / "cache"))
+    assert pretrained.resolve("auto", config) == str(tmp_path / name)
+
+
+def test_none_and_paths(tmp_path):
+    config = mmconfig.resolve_model(None, "det")
+    assert pretrained.resolve("none", config) is None
+    ckpt = tmp_path / "coco.pth"
+    ckpt.write_bytes(b"x")
+    assert pretrained.resolve(str(ckpt), config) == str(ckpt)
+    with pytest.raises(UserError, match="--pretrained nope.pth: file not found"):
+        pretrained.resolve("nope.pth", config)
+
+
+def test_a_failed_download_is_exit_3_with_the_offline_hint(tmp_path, monkeypatch):
+    from cvtk_job.errors import StorageError
+    from tests.s3server import _free_ports
+
+    monkeypatch.setenv("CVTK_JOB_CACHE", str(tmp_path))
+    url = f"http://127.0.0.1:{_free_ports(1)[0]}/mask_rcnn.pth"  # nothing listens on loopback there
+    with pytest.raises(StorageError, match="use --pretrained none for random init"):
+        pretrained.resolve(url, mmconfig.resolve_model(None, "segm"))
