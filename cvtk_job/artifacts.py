@@ -108,23 +108,20 @@ def read_tsv(path):
     return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
 
 
+def _keys_in_order(rows):
+    """Every key of the rows, in order of first appearance."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def train_columns(rows):
     """The tutorial's column order: epoch lr data_time loss <losses in model order> time memory."""
-    seen = []
-    for row in rows:
-        for key in row:
-            if key not in seen:
-                seen.append(key)
+    seen = _keys_in_order(rows)
     middle = [k for k in seen if k not in TRAIN_COLUMNS_FIRST + TRAIN_COLUMNS_LAST]
     return [k for k in TRAIN_COLUMNS_FIRST if k in seen] + middle + [k for k in TRAIN_COLUMNS_LAST if k in seen]
 
 
 def valid_columns(rows):
-    seen = []
-    for row in rows:
-        for key in row:
-            if key not in seen:
-                seen.append(key)
+    seen = _keys_in_order(rows)
     metrics = [k for k in seen if k.startswith("coco/")]
     return metrics + [k for k in ("data_time", "time", "step") if k in seen]
 

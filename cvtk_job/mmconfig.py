@@ -178,7 +178,7 @@ def _dataset(base, ann_file, classes, pipeline, test_mode):
     return dataset
 
 
-def _eval_loader(base_loader, base_dataset, ann_file, classes, pipeline, opts):
+def _eval_loader(base_dataset, ann_file, classes, pipeline, opts):
     return dict(
         batch_size=opts.batch_size, num_workers=opts.num_workers,
         persistent_workers=opts.num_workers > 0, drop_last=False,
@@ -252,7 +252,7 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
 
     metrics = ["bbox", "segm"] if with_mask else ["bbox"]
     if ctx.data.valid:
-        cfg.val_dataloader = _eval_loader(base_train, base_eval_dataset, ctx.data.valid, classes,
+        cfg.val_dataloader = _eval_loader(base_eval_dataset, ctx.data.valid, classes,
                                           eval_pipeline, opts)
         cfg.val_evaluator = dict(type="CocoMetric", ann_file=ctx.data.valid, metric=metrics,
                                  format_only=False, backend_args=None)
@@ -260,7 +260,7 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     else:
         cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
     if ctx.data.test:
-        cfg.test_dataloader = _eval_loader(base_train, base_eval_dataset, ctx.data.test, classes,
+        cfg.test_dataloader = _eval_loader(base_eval_dataset, ctx.data.test, classes,
                                            eval_pipeline, opts)
         cfg.test_evaluator = dict(type="CvtkCocoDetections", ann_file=ctx.data.test,
                                   output_file=os.path.join(ctx.work_dir, "test_outputs.coco.json"),

@@ -41,30 +41,27 @@ def make_subset(src_json, dst_json, n_images):
     return dst_json
 
 
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    """A small copy of the sample (16 train, 5 valid, 5 test images) in the tutorial's layout."""
+def sample_copy(root, sizes):
+    """A copy of the sample with the first n images of each split (both segm and bbox files)."""
     import shutil
 
-    root = tmp_path_factory.mktemp("strawberry")
     shutil.copy(SAMPLE / "label.txt", root / "label.txt")
-    for split, n in (("train", 16), ("valid", 5), ("test", 5)):
+    for split, n in sizes.items():
         for kind in ("segm", "bbox"):
             make_subset(SAMPLE / split / f"{kind}.json", root / split / f"{kind}.json", n)
     return root
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """16 train, 5 valid, 5 test images, in the tutorial's layout."""
+    return sample_copy(tmp_path_factory.mktemp("strawberry"), {"train": 16, "valid": 5, "test": 5})
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """An even smaller copy (8 train, 3 valid, 3 test images) for tests that train several times."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("strawberry_tiny")
-    shutil.copy(SAMPLE / "label.txt", root / "label.txt")
-    for split, n in (("train", 8), ("valid", 3), ("test", 3)):
-        for kind in ("segm", "bbox"):
-            make_subset(SAMPLE / split / f"{kind}.json", root / split / f"{kind}.json", n)
-    return root
+    """8 train, 3 valid, 3 test images, for tests that train several times."""
+    return sample_copy(tmp_path_factory.mktemp("strawberry_tiny"), {"train": 8, "valid": 3, "test": 3})
 
 
 TINY_MODELS = {"segm": REPO / "examples" / "configs" / "tiny_mask_rcnn.py",
