@@ -78,6 +78,11 @@ def bench_inference(weights):
     report("inference images/s vs DetInferencer", ours_ips, theirs_ips, "img/s", ours_ips / theirs_ips, ">= 1.5",
            ours_ips / theirs_ips >= 1.5, f"{n} images, batch {batch}, drawing on, {per_image:.1f} detections/image "
            f"at score >= {SCORE_THRESHOLD}, end to end incl. start-up")
+    forward = measure([PY, REPO / "bench" / "forward_only.py", weights, folder, batch])
+    forward_ips = n / forward["wall_s"]
+    report("inference images/s vs forward pass only", ours_ips, forward_ips, "img/s", forward_ips / ours_ips,
+           "<= 1.2 (time ratio)", forward_ips / ours_ips <= 1.2,
+           "forward only: same model, pipeline, workers and batching, nothing drawn or written; both incl. start-up")
     return ours, theirs
 
 
@@ -182,6 +187,26 @@ def bench_train_overhead():
            ours / bare <= 1.02, "epoch 2 of 2, 60 images, batch 4, same saved config; CPU timings vary by a few %")
 
 
+def bench_gpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu: skipped (no CUDA on this machine)", flush=True)
+        ROWS.append(("GPU training images/s, fp32 vs --amp", "-", "-", "-", "-", "skipped", "no CUDA here"))
+        return
+    out = WORK / "gpu"
+    results = {}
+    for name, extra in (("fp32", []), ("amp", ["--amp"])):
+        shutil.rmtree(out / name, ignore_errors=True)
+        run = measure([*CLI, "train", "--label", SAMPLE / "label.txt", "--train", SAMPLE / "train" / "segm.json",
+                       "--output_weights", out / name / "x.pth", "--pretrained", "none", "--epoch", "2",
+                       "--batch_size", "8", "--device", "cuda", *extra])
+        results[name] = (8 / _epoch_time(out / name / "x.train_stats.train.txt", 2), run["peak_rss_mib"])
+    fp32, amp = results["fp32"][0], results["amp"][0]
+    report("GPU training images/s, --amp vs fp32", amp, fp32, "img/s", amp / fp32, "(information)", True,
+           "Mask R-CNN R101, 1333x800, batch 8, epoch 2")
+
+
 def bench_evaluate():
     """`evaluate` on 2,000 images x 8 detections vs pycocotools' COCOeval called directly."""
     import random
@@ -250,6 +275,7 @@ def main():
     bench_inference_memory(weights, ours)
     bench_s3_staging()
     bench_evaluate()
+    bench_gpu()
     write_table()
 
 
