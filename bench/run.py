@@ -242,7 +242,8 @@ def bench_evaluate():
                   WORK / "eval" / "stats.json"])
     plain = timed([PY, REPO / "bench" / "coco_eval_plain.py", gt_path, pred_path])
     report("evaluate vs pycocotools COCOeval", ours, plain, "s", ours / plain, "<= 1.1", ours / plain <= 1.1,
-           "2,000 images, 16,000 detections; ours also validates the ground truth and computes per-class stats")
+           "2,000 images, 16,000 detections; ours uses faster-coco-eval (identical numbers, checked by the tests "
+           "against pycocotools) and also validates the ground truth and computes per-class stats")
 
 
 def machine():
