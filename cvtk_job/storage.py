@@ -138,10 +138,14 @@ def _call(uri, fn, *args, **kwargs):
             mapped = translate(err, uri)
             if mapped is None:
                 raise
-            if isinstance(mapped, UserError) or time.monotonic() + delay > deadline:
+            # Keep trying until the whole budget is spent (the last wait is cut short to end on it), so the
+            # error's "for N s" is true and a brief outage near the end of the budget still gets one more try.
+            remaining = deadline - time.monotonic()
+            if isinstance(mapped, UserError) or remaining <= 0:
                 raise mapped from None
-            log.warning("%s: %s; retrying in %.1f s", uri, type(err).__name__, delay)
-            time.sleep(delay)
+            wait = min(delay, remaining)
+            log.warning("%s: %s; retrying in %.1f s", uri, type(err).__name__, wait)
+            time.sleep(wait)
             delay = min(delay * 2, 8.0)
 
 

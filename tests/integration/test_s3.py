@@ -134,7 +134,9 @@ def test_unreachable_endpoint_is_exit_3_within_a_minute(tmp_path, small_data):
     elapsed = time.monotonic() - start
     assert result.returncode == 3, result.stderr[-2000:]
     assert "s3://nowhere/gt.json: cannot reach the S3 endpoint" in result.stderr
-    assert 8 < elapsed < 30
+    assert "for 10 s" in result.stderr
+    # It retries for the whole budget (not fewer seconds), and gives up soon after it rather than hanging.
+    assert 10 <= elapsed < 40
 
 
 def test_server_restart_during_training_uploads_does_not_fail_the_run(tmp_path, small_data):
