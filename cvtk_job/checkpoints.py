@@ -51,15 +51,63 @@ def save_weights(path, model, meta):
         torch.save({"meta": meta, "state_dict": state}, tmp)
 
 
+def intact(path):
+    """A torch checkpoint is a zip file: a truncated, torn or foreign one has no readable central directory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def load_weights(path):
     """Open a weights file someone hands us: tensors and plain data only."""
     import torch
 
     if not os.path.isfile(path):
         raise UserError(f"{path}: weights file not found; pass the .pth written by train")
+    if not intact(path):
+        raise UserError(f"{path}: not a readable torch checkpoint (truncated, or not a .pth file); pass the .pth "
+                        "written by cvtk-job train")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{path}: not a plain weights file ({first}); use the .pth written by "
                         "cvtk-job train") from None
+
+
+def check_resumable(path, task, classes):
+    """Refuse, before anything is written, a `--resume` file that cannot continue this run.
+
+    Three mistakes are common: the final weights file (no optimizer state), a checkpoint of the other
+    task (a box-only model for a mask run or the reverse), and one trained on other classes.
+    """
+    import torch
+
+    flag = f"--resume {path}"
+    if not intact(path):
+        raise UserError(f"{flag}: not a readable torch checkpoint (truncated, or not a .pth file); use auto, "
+                        "none or an epoch_N.pth from the run's workspace")
+    allow_mmengine_checkpoints()
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{flag}: holds objects that are not plain data ({str(err).strip().splitlines()[0]}); "
+                        "use an epoch_N.pth written by cvtk-job train") from None
+    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    if not state or "optimizer" not in ckpt:
+        raise UserError(f"{flag}: holds weights only, not a training state (optimizer, epoch); to continue a run "
+                        "use --resume auto or its workspace's epoch_N.pth, to start from these weights use "
+                        "--pretrained")
+    has_masks = any(".mask_head." in key for key in state)
+    if has_masks != (task == "segm"):
+        found, other = ("segm", "a mask") if has_masks else ("det", "a box-only")
+        raise UserError(f"{flag}: is {other} model (task {found}) but this run is --task {task}; pass --task "
+                        f"{found} or a checkpoint of a {task} run")
+    saved = (ckpt.get("meta") or {}).get("dataset_meta", {}).get("classes")
+    if saved is not None and list(saved) != list(classes):
+        raise UserError(f"{flag}: was trained on classes {list(saved)} but the label file lists {list(classes)}; "
+                        "resume with the run's label file or start over with --resume none")

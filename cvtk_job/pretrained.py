@@ -4,7 +4,7 @@ import logging
 import os
 import urllib.parse
 
-from . import mmconfig
+from . import checkpoints, mmconfig
 from .errors import StorageError, UserError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ def resolve(pretrained, base_config):
         return _fetch(pretrained)
     if not os.path.isfile(pretrained):
         raise UserError(f"--pretrained {pretrained}: file not found; use auto, none, a path or a URL")
+    if not checkpoints.intact(pretrained):
+        raise UserError(f"--pretrained {pretrained}: not a readable torch checkpoint (truncated, or not a .pth "
+                        "file); use auto, none, or another file")
     return os.path.abspath(pretrained)
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import artifacts, coco, launch, mmconfig, pretrained, signals, storage
+from .. import artifacts, checkpoints, coco, launch, mmconfig, pretrained, signals, storage
 from ..errors import UserError
 from .validate import check
 
@@ -27,7 +27,8 @@ class Plan:
     categories: list
     base_config: str
     resume: bool
-    resume_from: Optional[str]
+    resume_from: Optional[str]  # None with resume: the workspace's latest checkpoint
+    load_from: Optional[str]  # weights to start from (a resume checkpoint, or the pretrained file)
 
 
 def _check_numbers(opts):
@@ -47,7 +48,7 @@ def _annotated_images(data):
     return sum(1 for img in data["images"] if img["id"] in with_boxes)
 
 
-def _resume_point(opts, outputs, remote):
+def _resume_point(opts, outputs, remote, labels):
     """(resume?, checkpoint) — `auto` continues when the workspace (local or on S3) holds a checkpoint."""
     if opts.resume == "none":
         return False, None
@@ -61,18 +62,8 @@ def _resume_point(opts, outputs, remote):
     path = storage.stage_file(opts.resume)
     if not os.path.isfile(path):
         raise UserError(f"--resume {opts.resume}: checkpoint not found; use auto, none or a .pth path")
+    checkpoints.check_resumable(path, opts.task, labels)
     return True, os.path.abspath(path)
-
-
-def _intact(path):
-    """A torch checkpoint is a zip file: a truncated or torn one has no readable central directory."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 def _usable_checkpoint(workspace, pointer):
@@ -82,12 +73,12 @@ def _usable_checkpoint(workspace, pointer):
 
     with open(pointer, encoding="utf-8") as fh:
         latest = fh.read().strip()
-    if _intact(latest):
+    if checkpoints.intact(latest):
         return True
     candidates = sorted(glob.glob(os.path.join(workspace, "epoch_*.pth")),
                         key=lambda p: int(re.search(r"epoch_(\d+)\.pth$", p).group(1)), reverse=True)
     for candidate in candidates:
-        if os.path.abspath(candidate) != os.path.abspath(latest) and _intact(candidate):
+        if os.path.abspath(candidate) != os.path.abspath(latest) and checkpoints.intact(candidate):
             log.warning("the latest checkpoint %s is damaged; resuming from %s instead", latest, candidate)
             artifacts.write_text(pointer, os.path.abspath(candidate))
             return True
@@ -135,11 +126,13 @@ def plan(opts):
     categories = [{"id": c["id"], "name": c["name"]} for c in sorted(reports[0].data["categories"],
                                                                       key=lambda c: c["id"])]
     base_config = mmconfig.resolve_model(opts.model, opts.task)
-    resume, resume_from = _resume_point(opts, outputs, remote)
+    resume, resume_from = _resume_point(opts, outputs, remote, labels)
+    # Resolved (and downloaded) here, so a missing file or a failed download leaves no outputs behind.
+    load_from = resume_from if resume else pretrained.resolve(storage.stage_file(opts.pretrained), base_config)
     local = dict(splits)
     data = mmconfig.DataFiles(*(os.path.abspath(local[r]) if r in local else None
                                 for r in ("train", "valid", "test")))
-    return Plan(outputs, remote, labels, data, num_train, categories, base_config, resume, resume_from)
+    return Plan(outputs, remote, labels, data, num_train, categories, base_config, resume, resume_from, load_from)
 
 
 def _test_stats(p, task):
@@ -159,8 +152,10 @@ def run(opts):
     if opts.dry_run:
         return _dry_run(opts, where)
     p = plan(opts)
+    device = launch.select_device(opts.device)
+    # From here on the run has started: a failure leaves a record. Before, nothing was written at all.
     try:
-        _train(opts, p, where)
+        _train(opts, p, where, device)
     except BaseException as err:
         if where.is_main:
             _record_failure(p, err)
@@ -183,23 +178,19 @@ def _record_failure(p, err):
         log.warning("could not write the failure record: %s", write_err)
 
 
-def _train(opts, p, where):
-    device = launch.select_device(opts.device)
-    load_from = p.resume_from
+def _train(opts, p, where, device):
     if p.resume:
         log.info("resuming from %s", p.resume_from or f"the latest checkpoint in {p.outputs.workspace}")
-    else:
-        load_from = pretrained.resolve(storage.stage_file(opts.pretrained), p.base_config)
     if opts.amp and device != "cuda":
         log.warning("--amp needs CUDA; training in full precision on CPU")
 
-    from .. import checkpoints, mmhooks  # noqa: F401 - mmhooks registers our hooks and metric
+    from .. import mmhooks  # noqa: F401 - registers our hooks and metric
 
     checkpoints.allow_mmengine_checkpoints()
     ctx = mmconfig.RunContext(
         classes=p.labels, data=p.data, work_dir=os.path.abspath(p.outputs.workspace),
         output_prefix=os.path.abspath(p.outputs.prefix), num_train_images=p.num_train_images,
-        device=device, load_from=load_from, resume=p.resume, world_size=where.world_size,
+        device=device, load_from=p.load_from, resume=p.resume, world_size=where.world_size,
         launcher="pytorch" if where.distributed else "none",
         remote_prefix=p.remote.prefix if p.remote else None)
     cfg = mmconfig.build_config(opts, p.base_config, ctx)

@@ -1,0 +1,101 @@
+"""The CUDA paths, on a real GPU. Skipped where there is none (CI, this project's development machine).
+
+`tools/gpu_check.sh` runs these (and the GPU benchmark) on a lent GPU machine; the results of the last
+such run are recorded in docs/benchmarks-gpu.md.
+"""
+
+import json
+
+import pytest
+
+from tests.conftest import TINY_MODELS, run_cli
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tools/gpu_check.sh)")]
+FAST = ["--pretrained", "none", "--batch_size", "4", "--num_workers", "2", "--model", TINY_MODELS["segm"]]
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # what a laptop without a GPU looks like to torch
+
+
+def _train(data, out, *extra, env=None):
+    return run_cli("train", "--label", data / "label.txt", "--train", data / "train" / "segm.json",
+                   "--valid", data / "valid" / "segm.json", "--test", data / "test" / "segm.json",
+                   "--output_weights", out, *FAST, *extra, env=env)
+
+
+def _rows(tsv):
+    lines = tsv.read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+
+
+def _top_boxes(instances):
+    """file name → the box of its highest-scoring detection."""
+    names = {img["id"]: img["file_name"] for img in instances["images"]}
+    best = {}
+    for ann in instances["annotations"]:
+        name = names[ann["image_id"]]
+        if name not in best or ann["score"] > best[name][0]:
+            best[name] = (ann["score"], ann["bbox"])
+    return {name: box for name, (_, box) in best.items()}
+
+
+def _iou(a, b):
+    ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    inter = max(0.0, min(ax2, bx2) - max(a[0], b[0])) * max(0.0, min(ay2, by2) - max(a[1], b[1]))
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def test_doctor_runs_mmcv_ops_on_the_gpu():
+    result = run_cli("doctor")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.cuda.get_device_name(0) in result.stdout
+    assert "nms, RoIAlign ok on cuda" in result.stdout
+
+
+def test_auto_device_trains_on_the_gpu_and_the_weights_serve_on_a_machine_without_one(small_data, tmp_path):
+    weights = tmp_path / "out" / "gpu.pth"
+    result = _train(small_data, weights, "--epoch", "2")  # --device auto (the default)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(weights.with_suffix(".train_stats.train.txt"))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    # MMEngine logs peak GPU memory only when it trains on CUDA: proof that the GPU did the work.
+    assert all(float(r["memory"]) > 0 for r in rows), rows
+    assert len(_rows(weights.with_suffix(".train_stats.valid.txt"))) == 2
+    stats = json.loads(weights.with_suffix(".test_stats.json").read_text())
+    assert set(stats) >= {"stats", "class_stats"}
+
+    # Weights saved from GPU tensors load where torch sees no GPU (the usual train-on-cluster, infer-on-laptop).
+    outputs = {}
+    for name, device, env in (("gpu", "cuda", None), ("cpu", "cpu", NO_GPU)):
+        out = tmp_path / f"pred_{name}"
+        result = run_cli("inference", "--label", small_data / "label.txt", "--data", small_data / "test" / "images",
+                         "--model_weights", weights, "--output", out, "--score_threshold", "0.05",
+                         "--device", device, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = json.loads((out / "instances.json").read_text())
+    assert len(outputs["gpu"]["images"]) == len(outputs["cpu"]["images"]) == 5
+    gpu, cpu = _top_boxes(outputs["gpu"]), _top_boxes(outputs["cpu"])
+    assert gpu and set(gpu) == set(cpu)
+    # Same weights, same images: the GPU's and the CPU's best detections agree (fp32 kernels differ slightly).
+    assert all(_iou(gpu[name], cpu[name]) > 0.9 for name in gpu), (gpu, cpu)
+
+
+def test_amp_trains_with_mixed_precision_and_finite_losses(small_data, tmp_path):
+    weights = tmp_path / "amp.pth"
+    result = _train(small_data, weights, "--epoch", "1", "--amp", "--device", "cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "AmpOptimWrapper" in weights.with_suffix(".py").read_text()
+    (row,) = _rows(weights.with_suffix(".train_stats.train.txt"))
+    assert 0 < float(row["loss"]) < float("inf")
+
+
+def test_resume_on_the_gpu_continues_from_the_checkpoint(small_data, tmp_path):
+    weights = tmp_path / "r.pth"
+    assert _train(small_data, weights, "--epoch", "1", "--device", "cuda").returncode == 0
+    result = _train(small_data, weights, "--epoch", "2", "--device", "cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["epoch"] for r in _rows(weights.with_suffix(".train_stats.train.txt"))] == ["1", "2"]
+
