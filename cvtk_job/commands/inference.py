@@ -151,6 +151,10 @@ def run(opts):
     weights_path = _stage_weights(opts.model_weights)
     output = storage.staging_path(opts.output) if storage.is_s3(opts.output) else opts.output
     device = launch.select_device(opts.device)
+    # Joined before the model is built: on GPUs, joining sets this rank's device, so each rank's model lands
+    # on its own GPU rather than all of them on GPU 0.
+    where = launch.detect()
+    launch.init_distributed(where, device)
 
     import torch
     from mmengine.dataset import pseudo_collate
@@ -177,8 +181,6 @@ def run(opts):
     with_mask = meta.get("task", "segm") == "segm"
 
     # Several processes (torchrun, srun): each takes every world_size-th image and writes its own part.
-    where = launch.detect()
-    launch.init_distributed(where, device)
     shard = list(range(where.rank, len(found.images), where.world_size))
     part = os.path.join(output, f".{INSTANCES}.part{where.rank}") if where.distributed else None
     dataset = ImageDataset([found.images[i] for i in shard], _inference_pipeline(cfg), keep_original=not opts.no_draw)
