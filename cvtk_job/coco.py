@@ -180,9 +180,12 @@ def _check_image_file(report, img, root):
                           f"is {size[0]}x{size[1]}", "set width and height to the file's real size")
 
 
-def validate_coco(path, labels=None, task=None, check_images=True):
-    """Check one COCO file; returns a Report (never raises for problems in the data)."""
-    report = Report(path)
+def validate_coco(path, labels=None, task=None, check_images=True, name=None):
+    """Check one COCO file; returns a Report (never raises for problems in the data).
+
+    `name` is what the messages call the file, when that is not `path` (an s3:// URI staged locally).
+    """
+    report = Report(name or path)
     try:
         data = _load_json(path)
     except _JsonUnreadable as err:

@@ -165,6 +165,12 @@ def exists(uri):
         raise
 
 
+def remove(uri):
+    """Delete an object; deleting one that is not there is not an error (S3's own semantics)."""
+    bucket, key = split(uri)
+    _call(uri, client().delete_object, Bucket=bucket, Key=key)
+
+
 def list_objects(prefix_uri):
     """{uri: (size, etag)} of every object under a prefix."""
     bucket, prefix = split(prefix_uri)

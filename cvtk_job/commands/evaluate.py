@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def run(opts):
-    report = coco.validate_coco(storage.stage_file(opts.gt), check_images=False)
+    report = coco.validate_coco(storage.stage_file(opts.gt), check_images=False, name=opts.gt)
     if report.errors:
         raise DatasetError([str(p) for p in report.errors])
     gt = report.data

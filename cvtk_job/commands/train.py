@@ -117,9 +117,10 @@ def plan(opts):
     _check_numbers(opts)
     outputs, remote = _outputs(opts)
     labels = coco.load_labels(storage.stage_file(opts.label))
-    splits = [(role, storage.stage_coco(uri)) for role, uri in (("train", opts.train), ("valid", opts.valid),
-                                                                ("test", opts.test)) if uri]
-    reports = check(splits, labels=labels, task=opts.task)
+    given = [(role, uri) for role, uri in (("train", opts.train), ("valid", opts.valid), ("test", opts.test)) if uri]
+    splits = [(role, storage.stage_coco(uri)) for role, uri in given]
+    reports = check(splits, labels=labels, task=opts.task,
+                    names={local: uri for (_, local), (_, uri) in zip(splits, given, strict=True)})
     num_train = _annotated_images(reports[0].data)
     if num_train == 0:
         raise UserError(f"{opts.train}: no image has an annotation; training needs annotated images")
@@ -256,4 +257,5 @@ def _finish(p, written):
     outbox = storage.Outbox(root, os.path.dirname(p.remote.prefix))
     for uri in outbox.sync(written):
         print(uri)
+    storage.remove(p.remote.failed)  # an earlier attempt's failure record (a fresh machine cannot see it)
     outbox.sync([p.outputs.done])

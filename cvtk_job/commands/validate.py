@@ -15,9 +15,13 @@ def dataset_files(opts):
     return [(role, path) for role, path in named if path] + [("file", p) for p in getattr(opts, "files", [])]
 
 
-def check(files, labels=None, task=None):
-    """Validate every file; print warnings; raise DatasetError listing every error line."""
-    reports = [coco.validate_coco(path, labels=labels, task=task) for _, path in files]
+def check(files, labels=None, task=None, names=None):
+    """Validate every file; print warnings; raise DatasetError listing every error line.
+
+    `names` maps a staged local path to the name the user gave (an s3:// URI), for the messages.
+    """
+    names = names or {}
+    reports = [coco.validate_coco(path, labels=labels, task=task, name=names.get(path)) for _, path in files]
     for report in reports:
         for warning in report.warnings:
             log.warning("%s", warning)

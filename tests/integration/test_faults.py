@@ -98,10 +98,13 @@ def test_sigterm_with_outputs_on_s3_and_a_wiped_machine(s3_server, tiny_data, tm
     env = {**s3_server.env(), "CVTK_JOB_CACHE": str(tmp_path / "cache")}
     code, err = run_and_signal(args, "Epoch(train) [2][2/4]", env=env)
     assert code == 75, err[-3000:]
+    assert "run/strawberry.failed.json" in s3_server.keys(bucket, "run/")
     shutil.rmtree(tmp_path / "cache")  # the pod is gone: nothing local survives
     result = run_cli(*args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fetched from S3" in result.stderr
+    keys = s3_server.keys(bucket, "run/")
+    assert "run/strawberry.done.json" in keys and "run/strawberry.failed.json" not in keys
     body = s3_server.client().get_object(Bucket=bucket, Key="run/strawberry.train_stats.train.txt")["Body"]
     assert [line.split("\t")[0] for line in body.read().decode().splitlines()[1:]] == ["1", "2", "3"]
 

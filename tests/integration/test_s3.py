@@ -120,6 +120,19 @@ def test_file_name_escaping_the_prefix_is_refused(s3_server, bucket, tmp_path):
     assert "file_name '../../secret.jpg' points outside the JSON's folder" in result.stderr
 
 
+def test_dataset_errors_name_the_s3_object_not_the_local_cache(s3_server, bucket, tmp_path):
+    s3_server.client().put_object(Bucket=bucket, Key="strawberry/other_label.txt", Body=b"flower\nfruit\n")
+    args = s3_train_args(bucket, "out", "--epoch", "1")
+    args[args.index("--label") + 1] = f"s3://{bucket}/strawberry/other_label.txt"
+    result = run_cli(*args, env=env_for(s3_server, tmp_path))
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert [e.split(": categories: ")[0] for e in errors] == [
+        f"error: s3://{bucket}/strawberry/{split}/segm.json" for split in ("train", "valid", "test")]
+    assert str(tmp_path / "cache") not in result.stderr
+    assert s3_server.keys(bucket, "out/") == []
+
+
 def test_unreachable_endpoint_is_exit_3_within_a_minute(tmp_path, small_data):
     from tests.s3server import _free_ports
 
