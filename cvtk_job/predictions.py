@@ -4,6 +4,7 @@ Shared by the test step of `train` and by `inference`, so both describe a detect
 `bbox` [x, y, w, h] clipped to the image, `score`, compressed-RLE `segmentation` (segm), `area`.
 """
 
+import heapq
 import json
 import os
 import shutil
@@ -109,18 +110,82 @@ class InstancesWriter:
             self.abort()
 
 
+class PartWriter:
+    """One process's share of a distributed inference: a line per image (its record and detections).
+
+    Each process writes its images in input order, so `merge_parts` joins the parts with a streaming
+    k-way merge: rank 0 holds one line per part in memory, however many images there are.
+    """
+
+    def __init__(self, path, categories):
+        self.path, self.categories = path, categories
+        self._fh = open(path + ".tmp", "w", encoding="utf-8")
+        self.num_images = self.num_annotations = 0
+
+    def add(self, image_id, file_name, width, height, found):
+        annotations = []
+        for det in found:
+            det = dict(det)
+            annotations.append({"image_id": image_id, "category_id": self.categories[det.pop("label")]["id"],
+                                "iscrowd": 0, **det})
+        image = {"id": image_id, "file_name": file_name, "width": width, "height": height}
+        self._fh.write(json.dumps({"image": image, "annotations": annotations}, ensure_ascii=False,
+                                  allow_nan=False) + "\n")
+        self.num_images += 1
+        self.num_annotations += len(annotations)
+        return image_id
+
+    def close(self):
+        self._fh.close()
+        os.replace(self._fh.name, self.path)
+
+    def abort(self):
+        self._fh.close()
+        os.unlink(self._fh.name)
+
+    __enter__, __exit__ = InstancesWriter.__enter__, InstancesWriter.__exit__
+
+
+class InputOrder:
+    """Passes images to a writer in input order, although batching by image size reorders them a little.
+
+    `positions` are this process's input positions, in order; each must be either added or skipped.
+    Memory: only the images that arrived ahead of an earlier one (at most the batching window).
+    """
+
+    def __init__(self, writer, positions):
+        self.writer = writer
+        self._order = iter(positions)
+        self._next = next(self._order, None)
+        self._held = {}
+
+    def add(self, position, *record):
+        self._held[position] = record
+        self._flush()
+
+    def skip(self, position):
+        self._held[position] = None
+        self._flush()
+
+    def _flush(self):
+        while self._next in self._held:
+            record = self._held.pop(self._next)
+            if record is not None:
+                self.writer.add(*record)
+            self._next = next(self._order, None)
+
+
+def _part_lines(path):
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)
+
+
 def merge_parts(parts, path, categories):
-    """Join the per-process files of a distributed run into one, images in input order."""
+    """Join the per-process parts of a distributed run into one file, images in input order."""
+    merged = heapq.merge(*(_part_lines(part) for part in parts), key=lambda entry: entry["image"]["id"])
     with InstancesWriter(path, categories) as writer:
-        loaded = []
-        for part in parts:
-            with open(part, encoding="utf-8") as fh:
-                loaded.append(json.load(fh))
-        by_image = {}
-        for data in loaded:
-            for ann in data["annotations"]:
-                by_image.setdefault(ann["image_id"], []).append(ann)
-        for image in sorted((img for data in loaded for img in data["images"]), key=lambda img: img["id"]):
-            writer.add_coco(image, by_image.get(image["id"], []))
+        for entry in merged:
+            writer.add_coco(entry["image"], entry["annotations"])
     for part in parts:
         os.unlink(part)

@@ -190,8 +190,10 @@ def run(opts):
     skipped, done = [], 0
     log.info("inference: %d images from %s (%s), batch %d, %s", len(found.images), opts.data, found.kind,
              opts.batch_size, device)
-    with predictions.InstancesWriter(part or os.path.join(output, INSTANCES), categories) as writer, \
-            torch.no_grad():
+    writer = predictions.PartWriter(part, categories) if part else \
+        predictions.InstancesWriter(os.path.join(output, INSTANCES), categories)
+    in_order = predictions.InputOrder(writer, shard)
+    with writer, torch.no_grad():
         for batch in same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size):
             good = []
             for item in batch:
@@ -200,6 +202,7 @@ def run(opts):
                     ref = found.images[item.index]
                     log.warning("skipped %s: %s", ref.path, item.error)
                     skipped.append(ref.path)
+                    in_order.skip(item.index)
                 else:
                     good.append(item)
             if not good:
@@ -210,7 +213,7 @@ def run(opts):
                 height, width = result.ori_shape[:2]
                 pred = result.pred_instances
                 dets = predictions.detections(pred, height, width, with_mask, opts.score_threshold)
-                writer.add(item.index + 1, ref.name, int(width), int(height), dets)
+                in_order.add(item.index, item.index + 1, ref.name, int(width), int(height), dets)
                 if not opts.no_draw:
                     masks = None
                     if with_mask and "masks" in pred:
