@@ -30,15 +30,23 @@ def _rows(tsv):
     return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
 
 
-def _top_boxes(instances):
-    """file name → the box of its highest-scoring detection."""
+def _best(instances):
+    """file name → its detections as (category, score, box), best first."""
     names = {img["id"]: img["file_name"] for img in instances["images"]}
-    best = {}
+    found = {name: [] for name in names.values()}
     for ann in instances["annotations"]:
-        name = names[ann["image_id"]]
-        if name not in best or ann["score"] > best[name][0]:
-            best[name] = (ann["score"], ann["bbox"])
-    return {name: box for name, (_, box) in best.items()}
+        found[names[ann["image_id"]]].append((ann["category_id"], ann["score"], ann["bbox"]))
+    return {name: sorted(dets, key=lambda d: -d[1]) for name, dets in found.items()}
+
+
+def _twinned_fraction(ours, theirs, k=10):
+    """The fraction of `ours` k best detections that `theirs` also found (same class, IoU > 0.8, score ± 0.02)."""
+    total = twinned = 0
+    for name, dets in ours.items():
+        for cat, score, box in dets[:k]:
+            total += 1
+            twinned += any(c == cat and abs(s - score) < 0.02 and _iou(b, box) > 0.8 for c, s, b in theirs[name])
+    return twinned / total if total else 0.0
 
 
 def _iou(a, b):
@@ -72,15 +80,16 @@ def test_auto_device_trains_on_the_gpu_and_the_weights_serve_on_a_machine_withou
     for name, device, env in (("gpu", "cuda", None), ("cpu", "cpu", NO_GPU)):
         out = tmp_path / f"pred_{name}"
         result = run_cli("inference", "--label", small_data / "label.txt", "--data", small_data / "test" / "images",
-                         "--model_weights", weights, "--output", out, "--score_threshold", "0.05",
+                         "--model_weights", weights, "--output", out, "--score_threshold", "0.0",
                          "--device", device, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = json.loads((out / "instances.json").read_text())
     assert len(outputs["gpu"]["images"]) == len(outputs["cpu"]["images"]) == 5
-    gpu, cpu = _top_boxes(outputs["gpu"]), _top_boxes(outputs["cpu"])
-    assert gpu and set(gpu) == set(cpu)
-    # Same weights, same images: the GPU's and the CPU's best detections agree (fp32 kernels differ slightly).
-    assert all(_iou(gpu[name], cpu[name]) > 0.9 for name in gpu), (gpu, cpu)
+    gpu, cpu = _best(outputs["gpu"]), _best(outputs["cpu"])
+    assert any(gpu.values()), "no detections at all"
+    # Same weights, same images: the GPU finds what the CPU finds. Not bit for bit: cuDNN's convolutions
+    # (TF32 on Ampere and later) round differently, which can reorder near-equal scores.
+    assert _twinned_fraction(gpu, cpu) >= 0.9 and _twinned_fraction(cpu, gpu) >= 0.9, (gpu, cpu)
 
 
 def test_amp_trains_with_mixed_precision_and_finite_losses(small_data, tmp_path):
