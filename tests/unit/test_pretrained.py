@@ -19,10 +19,14 @@ def test_none_and_paths(tmp_path):
     config = mmconfig.resolve_model(None, "det")
     assert pretrained.resolve("none", config) is None
     ckpt = tmp_path / "coco.pth"
-    ckpt.write_bytes(b"x")
+    torch = pytest.importorskip("torch")
+    torch.save({"state_dict": {}}, ckpt)
     assert pretrained.resolve(str(ckpt), config) == str(ckpt)
     with pytest.raises(UserError, match="--pretrained nope.pth: file not found"):
         pretrained.resolve("nope.pth", config)
+    ckpt.write_bytes(b"x")  # a torn download or another format
+    with pytest.raises(UserError, match="coco.pth: not a readable torch checkpoint"):
+        pretrained.resolve(str(ckpt), config)
 
 
 def test_a_failed_download_is_exit_3_with_the_offline_hint(tmp_path, monkeypatch):
