@@ -47,6 +47,9 @@ RUN MMCV_WHEEL="$(ls /wheels/mmcv-*.whl 2>/dev/null || true)"; \
         MMCV_WITH_OPS=1 MAX_JOBS="$(nproc)" \
         pip install ${PIP_ARGS} --no-build-isolation --no-deps -c /src/requirements/constraints.txt mmcv; \
     fi
+# mmcv's setup.py compiles with -g: debug symbols are nearly all of its one extension (measured here:
+# 83 MB -> 2.2 MB for the CPU build, 109 MB -> 27 MB for CUDA ops for sm_90 alone).
+RUN if command -v strip >/dev/null; then find /opt/venv -path '*/mmcv/_ext*.so' -exec strip --strip-debug {} +; fi
 COPY pyproject.toml README.md entrypoint.py /src/
 COPY cvtk_job/ /src/cvtk_job/
 RUN pip install ${PIP_ARGS} --find-links /wheels -c /src/requirements/constraints.txt /src \
