@@ -15,8 +15,23 @@ import numpy as np
 from .artifacts import atomic_path
 
 
-def detections(pred, height, width, with_mask=True, score_threshold=0.0):
-    """DetDataSample.pred_instances → [{label, score, bbox, area[, segmentation]}], best first."""
+def kept_masks(pred, keep):
+    """The kept masks as uint8 (H, W, N) in Fortran order (what pycocotools encodes), without a CPU copy.
+
+    Transposed and converted where the masks are (on the GPU when inference runs there), so the host
+    only receives the bytes in the order pycocotools reads them; `masks[..., i]` is detection i's mask.
+    """
+    import torch
+
+    selected = pred["masks"][torch.as_tensor(keep, device=pred["masks"].device, dtype=torch.long)]
+    return selected.permute(0, 2, 1).to(torch.uint8).contiguous().cpu().numpy().transpose(2, 1, 0)
+
+
+def detections(pred, height, width, with_mask=True, score_threshold=0.0, masks=None):
+    """DetDataSample.pred_instances → [{label, score, bbox, area[, segmentation]}], best first.
+
+    `masks`: the kept masks from `kept_masks`, when the caller needs them too (drawing).
+    """
     from pycocotools import mask as mask_utils
 
     scores = pred["scores"].cpu().numpy()
@@ -27,8 +42,7 @@ def detections(pred, height, width, with_mask=True, score_threshold=0.0):
     labels = pred["labels"].cpu().numpy()[keep]
     rles = None
     if with_mask and "masks" in pred and len(keep):
-        masks = pred["masks"][keep].cpu().numpy().astype(np.uint8)
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        rles = mask_utils.encode(kept_masks(pred, keep) if masks is None else masks)
     found = []
     for i, score in enumerate(scores[keep]):
         x1, y1, x2, y2 = (float(v) for v in boxes[i])

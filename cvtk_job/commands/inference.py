@@ -212,12 +212,13 @@ def run(opts):
                 ref = found.images[item.index]
                 height, width = result.ori_shape[:2]
                 pred = result.pred_instances
-                dets = predictions.detections(pred, height, width, with_mask, opts.score_threshold)
+                masks = None
+                if with_mask and "masks" in pred:  # moved to the host once, for the RLEs and the drawing
+                    keep = (pred.scores >= opts.score_threshold).nonzero().flatten().cpu().numpy()
+                    masks = predictions.kept_masks(pred, keep)
+                dets = predictions.detections(pred, height, width, with_mask, opts.score_threshold, masks)
                 in_order.add(item.index, item.index + 1, ref.name, int(width), int(height), dets)
                 if not opts.no_draw:
-                    masks = None
-                    if with_mask and "masks" in pred:
-                        masks = pred.masks[pred.scores >= opts.score_threshold].cpu().numpy().astype(bool)
                     _write_image(os.path.join(output, ref.name),
                                  drawing.draw(item.original, dets, labels, masks))
             done += len(good)
