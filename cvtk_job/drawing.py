@@ -17,8 +17,8 @@ def class_color(index):
 def draw(image, found, class_names, masks=None):
     """image: BGR uint8 (H, W, 3); found: detections (bbox xywh, score, label); masks: (H, W, N), nonzero inside.
 
-    A mask is blended only inside its box (plus a pixel of margin): Mask R-CNN pastes each mask into its
-    box, and blending the box rather than the whole image made drawing ~10x faster with 100 detections.
+    A mask is blended only inside its box (plus a pixel of margin) when it lies there, as Mask R-CNN's
+    masks do: blending the box rather than the whole image made drawing ~5x faster with 100 detections.
     """
     import cv2
 
@@ -35,6 +35,8 @@ def draw(image, found, class_names, masks=None):
             x1, y1 = max(0, int(math.floor(x)) - 1), max(0, int(math.floor(y)) - 1)
             x2, y2 = min(width, int(math.ceil(x + w)) + 1), min(height, int(math.ceil(y + h)) + 1)
             crop, inside = out[y1:y2, x1:x2], masks[y1:y2, x1:x2, i].astype(bool)
+            if np.count_nonzero(inside) != np.count_nonzero(masks[:, :, i]):  # not a Mask R-CNN mask: all of it
+                crop, inside = out, masks[:, :, i].astype(bool)
             crop[inside] = (crop[inside] * (1 - MASK_ALPHA) + color * MASK_ALPHA).astype(np.uint8)
     for det in found:
         color = class_color(det["label"])

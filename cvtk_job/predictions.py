@@ -6,6 +6,7 @@ Shared by the test step of `train` and by `inference`, so both describe a detect
 
 import heapq
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -40,20 +41,48 @@ def detections(pred, height, width, with_mask=True, score_threshold=0.0, masks=N
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     labels = pred["labels"].cpu().numpy()[keep]
-    rles = None
-    if with_mask and "masks" in pred and len(keep):
-        rles = mask_utils.encode(kept_masks(pred, keep) if masks is None else masks)
+    if with_mask and "masks" in pred and len(keep) and masks is None:
+        masks = kept_masks(pred, keep)
+    with_rle = with_mask and "masks" in pred and len(keep)
     found = []
     for i, score in enumerate(scores[keep]):
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
         det = {"label": int(labels[i]), "score": float(score), "bbox": [x1, y1, x2 - x1, y2 - y1],
                "area": (x2 - x1) * (y2 - y1)}
-        if rles is not None:
-            det["area"] = float(mask_utils.area(rles[i]))
-            det["segmentation"] = {"size": [int(s) for s in rles[i]["size"]],
-                                   "counts": rles[i]["counts"].decode("ascii")}
+        if with_rle:
+            rle, area = _encode_in_box(masks[:, :, i], x1, x2, mask_utils)
+            det["area"] = float(area)
+            det["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
         found.append(det)
     return found
+
+
+def _encode_in_box(mask, x1, x2, mask_utils):
+    """COCO RLE of one (H, W) Fortran-ordered mask, reading only the columns of its box.
+
+    COCO RLE runs down columns, so the columns left and right of the box are one run of zeros each:
+    encoding the box's columns and widening the first and last zero runs gives the exact RLE of the
+    whole mask, in a fraction of the time (pycocotools' encode of 100 full masks was half the time of
+    post-processing an image). A mask with pixels outside its columns is encoded whole.
+    """
+    height, width = mask.shape
+    left, right = max(0, math.floor(x1) - 1), min(width, math.ceil(x2) + 1)
+    flat = mask[:, left:right].ravel(order="F")
+    area = int(np.count_nonzero(flat))
+    if right <= left or area != np.count_nonzero(mask):
+        rle = mask_utils.encode(np.asfortranarray(mask[:, :, None]))[0]
+        return rle, int(mask_utils.area(rle))
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate(([0], changes, [flat.size]))).tolist()
+    if flat[0]:
+        counts.insert(0, 0)  # COCO RLE starts with a run of zeros, possibly empty
+    counts[0] += left * height
+    after = (width - right) * height
+    if len(counts) % 2:  # ends with zeros: widen that run
+        counts[-1] += after
+    elif after:
+        counts.append(after)
+    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width), area
 
 
 class InstancesWriter:

@@ -17,17 +17,21 @@ def _prediction():
         w, h = (int(v) for v in rng.integers(4, 30, 2))
         boxes.append([x + 0.3, y + 0.6, x + w - 0.2, y + h - 0.7])
         masks[i, y:y + h, x:x + w] = rng.random((h, w)) > 0.3  # ragged shapes, inside the box
+    masks[1, :, :] = False  # an empty mask
+    masks[2, 0, W - 1] = masks[2, H - 1, 0] = True  # stray pixels far outside the box: encoded whole
+    masks[3, y:y + h, x + w - 1] = True  # touching the box's last column
     scores = torch.linspace(0.95, 0.05, N)
     return {"scores": scores, "bboxes": torch.tensor(boxes), "labels": torch.arange(N) % 3,
             "masks": torch.from_numpy(masks)}, masks
 
 
-def test_rles_equal_encoding_each_mask_directly():
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_rles_equal_encoding_each_mask_directly(threshold):
     from pycocotools import mask as mask_utils
 
     pred, masks = _prediction()
-    found = predictions.detections(pred, H, W, True, 0.5)
-    kept = [i for i in range(N) if float(pred["scores"][i]) >= 0.5]
+    found = predictions.detections(pred, H, W, True, threshold)
+    kept = [i for i in range(N) if float(pred["scores"][i]) >= threshold]
     assert len(found) == len(kept) > 0
     for det, i in zip(found, kept, strict=True):
         expected = mask_utils.encode(np.asfortranarray(masks[i].astype(np.uint8)))
