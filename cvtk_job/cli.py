@@ -106,3 +106,7 @@ def main(argv=None):
         log.exception("unexpected error (a bug in cvtk-job, please report it)")
         _termination_log(EXIT_BUG, f"unexpected {type(err).__name__}: {err}")
         return EXIT_BUG
+
+
+if __name__ == "__main__":  # `python -m cvtk_job.cli`, like `python -m cvtk_job`
+    sys.exit(main())
