@@ -11,6 +11,7 @@ from cvtk_job.commands.inference import ImageDataset, _inference_pipeline, _load
 
 weights_path, folder, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+workers = int(sys.argv[5]) if len(sys.argv) > 5 else 2
 weights = checkpoints.load_weights(weights_path)
 cfg = _load_config(weights_path, weights["meta"])
 init_default_scope("mmdet")
@@ -22,7 +23,7 @@ model = MODELS.build(cfg.model)
 model.load_state_dict(weights["state_dict"])
 model.to(device).eval()
 dataset = ImageDataset(images.collect(folder).images, _inference_pipeline(cfg), keep_original=False)
-loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2 if device == "cpu" else 8)
+loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
 with torch.no_grad():
     for group in same_size_batches(loader, batch, 4 * batch):
         model.test_step(pseudo_collate([item.data for item in group]))

@@ -64,26 +64,26 @@ def image_folder(n):
 SCORE_THRESHOLD = 0.1
 
 
-def bench_inference(weights):
-    n, batch = 40, 4
-    folder = image_folder(n)
+def compare_inference(weights, n, batch, device, workers, prefix=""):
+    """`cvtk-job inference` vs DetInferencer and vs the forward pass alone, same images and weights."""
+    folder, out = image_folder(n), WORK / f"{prefix}ours_out"
     ours = measure([*CLI, "inference", "--label", SAMPLE / "label.txt", "--data", folder, "--model_weights",
-                    weights, "--output", WORK / "ours_out", "--batch_size", batch, "--num_workers", 2,
-                    "--score_threshold", SCORE_THRESHOLD, "--device", "cpu"])
-    with open(WORK / "ours_out" / "instances.json") as fh:
+                    weights, "--output", out, "--batch_size", batch, "--num_workers", workers,
+                    "--score_threshold", SCORE_THRESHOLD, "--device", device])
+    with open(out / "instances.json") as fh:
         per_image = len(json.load(fh)["annotations"]) / n
     theirs = measure([PY, REPO / "bench" / "detinferencer.py", weights.with_suffix(".py"), weights, folder,
-                      WORK / "detinferencer_out", batch, SCORE_THRESHOLD])
-    ours_ips, theirs_ips = n / ours["wall_s"], n / theirs["wall_s"]
-    report("inference images/s vs DetInferencer", ours_ips, theirs_ips, "img/s", ours_ips / theirs_ips, ">= 1.5",
+                      WORK / f"{prefix}detinferencer_out", batch, SCORE_THRESHOLD, device])
+    forward = measure([PY, REPO / "bench" / "forward_only.py", weights, folder, batch, device, workers])
+    ours_ips, theirs_ips, forward_ips = n / ours["wall_s"], n / theirs["wall_s"], n / forward["wall_s"]
+    name = f"{prefix.upper().rstrip('_')} inference".strip()
+    report(f"{name} images/s vs DetInferencer", ours_ips, theirs_ips, "img/s", ours_ips / theirs_ips, ">= 1.5",
            ours_ips / theirs_ips >= 1.5, f"{n} images, batch {batch}, drawing on, {per_image:.1f} detections/image "
            f"at score >= {SCORE_THRESHOLD}, end to end incl. start-up")
-    forward = measure([PY, REPO / "bench" / "forward_only.py", weights, folder, batch])
-    forward_ips = n / forward["wall_s"]
-    report("inference images/s vs forward pass only", ours_ips, forward_ips, "img/s", forward_ips / ours_ips,
+    report(f"{name} images/s vs forward pass only", ours_ips, forward_ips, "img/s", forward_ips / ours_ips,
            "<= 1.2 (time ratio)", forward_ips / ours_ips <= 1.2,
            "forward only: same model, pipeline, workers and batching, nothing drawn or written; both incl. start-up")
-    return ours, theirs
+    return ours
 
 
 def bench_inference_memory(weights, small):
@@ -235,22 +235,8 @@ def bench_gpu():
     report("GPU training peak memory, --amp vs fp32", amp_mem, fp32_mem, "MiB", amp_mem / fp32_mem, "(information)",
            True, "MMEngine's max allocated CUDA memory")
 
-    n, weights = int(os.environ.get("BENCH_GPU_IMAGES", "400")), out / "fp32" / "x.pth"
-    folder = image_folder(n)
-    ours = measure([*CLI, "inference", "--label", SAMPLE / "label.txt", "--data", folder, "--model_weights",
-                    weights, "--output", WORK / "gpu_ours_out", "--batch_size", batch, "--num_workers", 8,
-                    "--score_threshold", SCORE_THRESHOLD, "--device", "cuda"])
-    with open(WORK / "gpu_ours_out" / "instances.json") as fh:
-        per_image = len(json.load(fh)["annotations"]) / n
-    theirs = measure([PY, REPO / "bench" / "detinferencer.py", weights.with_suffix(".py"), weights, folder,
-                      WORK / "gpu_detinferencer_out", batch, SCORE_THRESHOLD, "cuda"])
-    forward = measure([PY, REPO / "bench" / "forward_only.py", weights, folder, batch, "cuda"])
-    ours_ips, theirs_ips, forward_ips = n / ours["wall_s"], n / theirs["wall_s"], n / forward["wall_s"]
-    report("GPU inference images/s vs DetInferencer", ours_ips, theirs_ips, "img/s", ours_ips / theirs_ips, ">= 1.5",
-           ours_ips / theirs_ips >= 1.5, f"{n} images, batch {batch}, drawing on, {per_image:.1f} detections/image "
-           f"at score >= {SCORE_THRESHOLD}, end to end incl. start-up")
-    report("GPU inference images/s vs forward pass only", ours_ips, forward_ips, "img/s", forward_ips / ours_ips,
-           "<= 1.2 (time ratio)", forward_ips / ours_ips <= 1.2, "forward only: same model, pipeline and batching")
+    compare_inference(out / "fp32" / "x.pth", int(os.environ.get("BENCH_GPU_IMAGES", "400")), batch, "cuda", 8,
+                      prefix="gpu_")
 
 
 def bench_evaluate():
@@ -326,8 +312,7 @@ def main():
     weights = trained_model()
     bench_startup()
     bench_train_overhead()
-    ours, _ = bench_inference(weights)
-    bench_inference_memory(weights, ours)
+    bench_inference_memory(weights, compare_inference(weights, 40, 4, "cpu", 2))
     bench_s3_staging()
     bench_evaluate()
     bench_gpu()
