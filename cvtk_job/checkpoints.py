@@ -63,7 +63,8 @@ def intact(path):
 
 
 def load_weights(path):
-    """Open a weights file someone hands us: tensors and plain data only."""
+    """Open a weights file someone hands us: tensors and plain data only (cvtk-job's weights, or an MMEngine
+    training checkpoint such as upstream cvtk's X.pth, whose extra state is allow-listed plain data)."""
     import torch
 
     if not os.path.isfile(path):
@@ -71,12 +72,20 @@ def load_weights(path):
     if not intact(path):
         raise UserError(f"{path}: not a readable torch checkpoint (truncated, or not a .pth file); pass the .pth "
                         "written by cvtk-job train")
+    allow_mmengine_checkpoints()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        weights = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{path}: not a plain weights file ({first}); use the .pth written by "
                         "cvtk-job train") from None
+    if not isinstance(weights, dict) or not isinstance(weights.get("state_dict"), dict):
+        raise UserError(f"{path}: holds no state_dict (not a model checkpoint); use the .pth written by "
+                        "cvtk-job train")
+    if not isinstance(weights.get("meta", {}), dict):
+        weights["meta"] = {}
+    weights.setdefault("meta", {})
+    return weights
 
 
 def check_resumable(path, task, classes):

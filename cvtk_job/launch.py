@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from .errors import UserError
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
+# More loader workers than this buys nothing for these models (the model, not JPEG decoding, is the
+# bottleneck) and costs a copy of the dataset's index in each worker.
+MAX_DEFAULT_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,35 @@ def init_distributed(launch, device):
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+
+
+def available_cpus():
+    """CPUs this process may use: its affinity (Slurm's cpuset, `docker --cpuset-cpus`) and the cgroup's
+    CPU quota (Kubernetes CPU limits, `docker --cpus`), not the machine's core count."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def default_workers(env=None):
+    """`--num_workers` when not given: the CPUs of this process's share of the node, less one for the
+    process itself, at most MAX_DEFAULT_WORKERS (0 on a single CPU: load in the main process)."""
+    env = os.environ if env is None else env
+    cpus = available_cpus()
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        cpus = min(cpus, int(env["SLURM_CPUS_PER_TASK"]))
+    local = int(env.get("LOCAL_WORLD_SIZE") or 1)  # torchrun's workers share one affinity mask
+    share = max(1, cpus // local)
+    return max(0, min(MAX_DEFAULT_WORKERS, share - 1))
 
 
 def select_device(requested):

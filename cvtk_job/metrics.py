@@ -95,6 +95,82 @@ def _match_predictions(gt, pred, pred_name):
     return matched
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _segmentation_problem(seg):
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
+            return "an RLE segmentation needs size [height, width]"
+        if not isinstance(seg.get("counts"), (str, list)):
+            return "an RLE segmentation needs counts (a string or a list)"
+        return None
+    if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                                             and all(_is_number(v) for v in p) for p in seg):
+        return None
+    return "segmentation must be an RLE {size, counts} or polygons ([[x1, y1, x2, y2, x3, y3, ...]])"
+
+
+def _record_problem(ann, iou_type):
+    if not isinstance(ann, dict):
+        return "is not an object"
+    for key in ("image_id", "category_id"):
+        if not _is_int(ann.get(key)):
+            return f"{key} must be an integer (got {ann.get(key)!r})"
+    if "score" in ann and not _is_number(ann["score"]):
+        return f"score must be a finite number (got {ann['score']!r})"
+    if iou_type == "bbox":
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)
+                and box[2] >= 0 and box[3] >= 0):
+            return f"bbox must be [x, y, width, height] with finite numbers and no negative size (got {box!r})"
+    elif "segmentation" not in ann or ann["segmentation"] in (None, [], {}):
+        return "has no segmentation; evaluate boxes with --iou_type bbox"
+    else:
+        return _segmentation_problem(ann["segmentation"])
+    return None
+
+
+def check_predictions(pred, pred_name, iou_type):
+    """A predictions file from anywhere (cvtk-job, upstream cvtk, another tool) → one that COCOeval takes,
+    or a one-line UserError naming the record. Predictions without any score (upstream cvtk's
+    `instances.coco.json`) are equally confident: score 1, said once."""
+    if not isinstance(pred, dict) or not isinstance(pred.get("annotations"), list):
+        raise UserError(f"{pred_name}: no 'annotations' list; pass test_outputs.coco.json or instances.json")
+    for key, fields in (("images", {"id": _is_int, "file_name": lambda v: isinstance(v, str)}),
+                        ("categories", {"id": _is_int, "name": lambda v: isinstance(v, str)})):
+        records = pred.get(key, [])
+        if not isinstance(records, list):
+            raise UserError(f"{pred_name}: '{key}' must be a list of objects")
+        for i, record in enumerate(records):
+            bad = [f for f, ok in fields.items() if not isinstance(record, dict) or not ok(record.get(f))]
+            if bad:
+                raise UserError(f"{pred_name}: {key}[{i}]: needs {' and '.join(bad)} ({', '.join(fields)}: an "
+                                "integer id and a string)")
+    annotations = pred["annotations"]
+    for i, ann in enumerate(annotations):
+        problem = _record_problem(ann, iou_type)
+        if problem:
+            where = f"annotation id {ann['id']}" if isinstance(ann, dict) and "id" in ann else f"annotations[{i}]"
+            raise UserError(f"{pred_name}: {where}: {problem}")
+    scored = sum("score" in ann for ann in annotations)
+    if scored == len(annotations):
+        return pred
+    if scored:
+        first = next(i for i, ann in enumerate(annotations) if "score" not in ann)
+        raise UserError(f"{pred_name}: annotations[{first}] has no score while {scored} others have one; give "
+                        "every prediction a score, or none")
+    log.warning("%s: no prediction has a score (as in upstream cvtk's instances.coco.json): all are treated as "
+                "equally confident (score 1), so AP does not reflect any ranking", pred_name)
+    return dict(pred, annotations=[dict(ann, score=1.0) for ann in annotations])
+
+
 def _evaluator():
     """faster-coco-eval (C++, ~10x faster; equal to pycocotools to 1e-15 on our benchmark set) when it is
     installed, else pycocotools itself: the same COCO / COCOeval interface and numbers."""

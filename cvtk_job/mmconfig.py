@@ -113,8 +113,9 @@ class RunContext:
     world_size: int = 1
     launcher: str = "none"  # "pytorch" when the process group is joined (see launch.init_distributed)
     device: str = "cpu"
-    load_from: Optional[str] = None
+    load_from: Optional[str] = None  # the training checkpoint to resume from (with resume=True)
     resume: bool = False
+    pretrained: Optional[str] = None  # weights to start from (loaded by CvtkPretrained, shapes permitting)
     remote_prefix: Optional[str] = None  # s3:// prefix the outputs are synced to after every epoch
 
 
@@ -138,7 +139,12 @@ def _set_num_classes(model, n):
 
 
 def _drop_pretrained_init(model):
-    """Random init must not download: drop `Pretrained` init_cfgs (e.g. torchvision://resnet101)."""
+    """Drop `Pretrained` init_cfgs (e.g. the backbone's torchvision://resnet101).
+
+    Either a checkpoint provides every weight (--pretrained, --resume) or the user asked for random init
+    (--pretrained none): in no case may initialisation download ImageNet weights (and import torchvision)
+    that the checkpoint would overwrite a moment later.
+    """
     def visit(d):
         init = d.get("init_cfg")
         if isinstance(init, dict) and init.get("type") == "Pretrained":
@@ -229,10 +235,7 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     cfg = Config.fromfile(base_config_path)
     classes, with_mask = list(ctx.classes), opts.task == "segm"
     _set_num_classes(cfg.model, len(classes))
-    if opts.pretrained == "none":
-        _drop_pretrained_init(cfg.model)
-    else:
-        cfg.model.pop("pretrained", None)
+    _drop_pretrained_init(cfg.model)
 
     base_train = cfg.train_dataloader
     base_train_dataset = _innermost_dataset(base_train.dataset)
@@ -287,9 +290,13 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     log_interval = max(1, min(10, iters_per_epoch // 2))
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=log_interval, ignore_last=False)
     cfg.log_processor = dict(type="LogProcessor", window_size=log_interval, by_epoch=True)
-    cfg.custom_imports = dict(imports=["cvtk_job.mmhooks"], allow_failed_imports=False)
+    # No `custom_imports`: train imports cvtk_job.mmhooks itself, and the dumped X.py must stay loadable
+    # where cvtk-job is not installed (upstream cvtk's and mmdet's `init_detector` import custom modules).
     cfg.custom_hooks = [dict(type="CvtkEpochStats", output_prefix=ctx.output_prefix),
                         dict(type="CvtkRunGuard")]
+    if ctx.pretrained and not ctx.resume:
+        # Not `load_from`: MMEngine would log every class-dependent tensor as a multi-line size mismatch.
+        cfg.custom_hooks.append(dict(type="CvtkPretrained", checkpoint=ctx.pretrained))
     if ctx.remote_prefix:
         cfg.custom_hooks.append(dict(type="CvtkSyncOut", output_prefix=ctx.output_prefix,
                                      remote_prefix=ctx.remote_prefix))
@@ -301,7 +308,7 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
         # MMEngine's default wrapper pins DDP to device_ids=[LOCAL_RANK], which only exists on GPUs.
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     cfg.work_dir = ctx.work_dir
-    cfg.load_from = ctx.load_from
+    cfg.load_from = ctx.load_from if ctx.resume else None
     cfg.resume = ctx.resume
     cfg.metainfo = dict(classes=tuple(classes))
     cfg.cvtk_job = dict(task=opts.task, classes=classes)

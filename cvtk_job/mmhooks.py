@@ -1,7 +1,9 @@
-"""MMEngine plug-ins, imported by the runner through the config's `custom_imports`.
+"""MMEngine plug-ins, registered when `train` imports this module (before it builds the Runner).
 
 - `CvtkEpochStats` writes the tutorial's per-epoch stats files and plots after every epoch, from
   every training iteration (not a 50-iteration window), so a crash or preemption loses nothing.
+- `CvtkPretrained` loads the starting checkpoint (`--pretrained`) after MMEngine's weight init, keeping
+  the model's own tensors where the checkpoint's shapes differ (a COCO head of 80 classes), in one line.
 - `CvtkCocoDetections` collects every detection of the test step (no score cut-off) and writes
   `test_outputs.coco.json`, from which `metrics.coco_stats` computes the test stats.
 """
@@ -84,6 +86,25 @@ class CvtkEpochStats(Hook):
         self.valid_rows = [r for r in self.valid_rows if r["step"] != row["step"]] + [row]
         if is_main_process():
             artifacts.write_valid_stats(self.outputs, self.valid_rows)
+
+
+@HOOKS.register_module()
+class CvtkPretrained(Hook):
+    """Starts training from a checkpoint's weights (before_train runs after MMEngine's weight init)."""
+
+    priority = "VERY_HIGH"
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+
+    def before_train(self, runner):
+        from mmengine.model import is_model_wrapper
+
+        from .pretrained import load_into
+
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        # Every rank loads the same file, so the replicas stay identical without a broadcast.
+        load_into(model, self.checkpoint)
 
 
 @HOOKS.register_module()

@@ -49,7 +49,8 @@ class TrainOptions:
     valid: Optional[str] = opt("COCO JSON of the validation images, evaluated after every epoch", None)
     test: Optional[str] = opt("COCO JSON of the test images, evaluated once after training", None)
     batch_size: int = opt("images per batch and process", 4)
-    num_workers: int = opt("data-loading worker processes", 8)
+    num_workers: Optional[int] = opt("data-loading worker processes (default: the CPUs available to each "
+                                     "process, less one, at most 8)", None)
     epoch: int = opt("number of training epochs", 10)
     task: Task = opt("segm: instance masks (Mask R-CNN); det: boxes only (Faster R-CNN)", "segm")
     model: Optional[str] = opt("an MMDetection config name (e.g. mask-rcnn_r50_fpn_1x_coco) or a path "
@@ -76,10 +77,14 @@ class TrainOptions:
 class InferenceOptions:
     label: str = opt("label file the model was trained with")
     data: str = opt("images: a folder (recursive), a text file listing paths, one image, or a COCO JSON")
-    model_weights: str = opt("weights written by train, e.g. outputs/strawberry.pth")
+    model_weights: str = opt("weights written by train, e.g. outputs/strawberry.pth (or an MMEngine "
+                             "checkpoint, such as upstream cvtk's)")
     output: str = opt("folder for the drawn images and instances.json")
+    model_config: Optional[str] = opt("the model's config, read as data and never run (default: the config "
+                                      "inside the weights); e.g. upstream cvtk's strawberry.py", None)
     batch_size: int = opt("images per batch", 4)
-    num_workers: int = opt("image-reading worker processes", 8)
+    num_workers: Optional[int] = opt("image-reading worker processes (default: the CPUs available to the "
+                                     "process, less one, at most 8)", None)
     score_threshold: float = opt("keep detections scoring at least this", 0.5)
     device: Device = opt("where to run", "auto")
     no_draw: bool = opt("write instances.json only, no drawn images", False)

@@ -63,6 +63,49 @@ def resolve(pretrained, base_config):
     return os.path.abspath(pretrained)
 
 
+def _module_names(keys):
+    """Tensor names → their modules, in order: roi_head.bbox_head.fc_cls.{weight,bias} → one name."""
+    return list(dict.fromkeys(key.rsplit(".", 1)[0] for key in keys))
+
+
+def load_into(model, path):
+    """Load a checkpoint's weights into `model` where names and shapes agree; say in one line what stays
+    at random init (the class-dependent layers of a COCO checkpoint, typically)."""
+    import torch
+
+    checkpoints.allow_mmengine_checkpoints()  # COCO checkpoints and MMEngine training states: plain data
+    name = os.path.basename(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--pretrained {path}: cannot be read as plain weights ({first}); use auto, none or "
+                        "another checkpoint") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"--pretrained {path}: holds no state_dict; use auto, none or another checkpoint")
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not fits:
+        raise UserError(f"--pretrained {path}: none of its {len(state)} tensors fits this model (another "
+                        "architecture?); pass a checkpoint of the same --model, or --pretrained none")
+    model.load_state_dict(fits, strict=False)
+    left = [k for k in own if k not in fits and not k.endswith("num_batches_tracked")]
+    reshaped = [k for k in left if k in state]
+    absent = [k for k in left if k not in state]
+    unused = [k for k in state if k not in own]
+    random = []
+    if reshaped:
+        random.append(f"{', '.join(_module_names(reshaped))} (other shape in the checkpoint)")
+    if absent:
+        names = _module_names(absent)
+        random.append(f"{', '.join(names[:8])}{' …' if len(names) > 8 else ''} (not in the checkpoint)")
+    log.info("pretrained %s: loaded %d of %d tensors%s%s", name, len(fits), len(own),
+             f"; left at random init: {'; '.join(random)}" if random else "",
+             f"; {len(unused)} checkpoint tensors unused" if unused else "")
+
+
 def bake(names, folder):
     """Download the COCO checkpoints of the given model names into `folder` (image builds)."""
     os.makedirs(folder, exist_ok=True)

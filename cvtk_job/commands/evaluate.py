@@ -4,7 +4,7 @@ import logging
 import os
 
 from .. import artifacts, coco, metrics, storage
-from ..errors import DatasetError, UserError
+from ..errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -14,9 +14,7 @@ def run(opts):
     if report.errors:
         raise DatasetError([str(p) for p in report.errors])
     gt = report.data
-    pred = coco.read_json(storage.stage_file(opts.pred))
-    if not isinstance(pred, dict) or not isinstance(pred.get("annotations"), list):
-        raise UserError(f"{opts.pred}: no 'annotations' list; pass test_outputs.coco.json or instances.json")
+    pred = metrics.check_predictions(coco.read_json(storage.stage_file(opts.pred)), opts.pred, opts.iou_type)
     stats = metrics.coco_stats(gt, pred, opts.iou_type, pred_name=opts.pred)
     if storage.is_s3(opts.output):
         local = storage.staging_path(opts.output)

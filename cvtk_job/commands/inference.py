@@ -11,6 +11,7 @@ keeps predictions independent of `--batch_size` and wastes no compute on padding
 """
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -88,16 +89,27 @@ def _check(opts):
         raise UserError(f"--score_threshold {opts.score_threshold}: give a score between 0 and 1")
 
 
-def _load_config(weights_path, meta):
-    from mmengine.config import Config
+def _load_config(opts, config_path, meta):
+    """The model's config, read as data (configdata): the file the user named with --model_config, else
+    the one inside the weights (cvtk-job's `config`, or `cfg` in an MMEngine checkpoint such as upstream
+    cvtk's X.pth). No file is ever executed, and none is picked up unasked from beside the weights."""
+    from .. import configdata
 
-    beside = os.path.splitext(weights_path)[0] + ".py"
-    if os.path.isfile(beside):
-        return Config.fromfile(beside)
-    if meta.get("config"):
-        return Config.fromstring(meta["config"], ".py")
-    raise UserError(f"{weights_path}: no config: neither {beside} nor a config inside the weights; "
-                    "use the .pth written by cvtk-job train")
+    if config_path:
+        with open(config_path, encoding="utf-8", errors="replace") as fh:
+            return configdata.load(fh.read(), opts.model_config)
+    text = meta.get("config") or meta.get("cfg")
+    if isinstance(text, str) and text.strip():
+        return configdata.load(text, f"{opts.model_weights} (the config inside it)")
+    raise UserError(f"{opts.model_weights}: holds no config; name the model's config with --model_config "
+                    "(e.g. the X.py written beside X.pth)")
+
+
+def _task(meta, state_dict):
+    """segm or det: cvtk-job's weights say it; an MMEngine checkpoint shows it by having a mask head."""
+    if meta.get("task") in ("segm", "det"):
+        return meta["task"]
+    return "segm" if any(".mask_head." in key for key in state_dict) else "det"
 
 
 def _inference_pipeline(cfg):
@@ -131,24 +143,26 @@ def _stage_data(uri):
     return local
 
 
-def _stage_weights(uri):
-    if not storage.is_s3(uri):
-        return uri
-    storage.stage_optional(os.path.splitext(uri)[0] + ".py")  # the config beside the weights, if any
-    return storage.stage_file(uri)
+def _local(uri):
+    return storage.stage_file(uri) if uri and storage.is_s3(uri) else uri
 
 
 def run(opts):
+    if opts.num_workers is None:
+        opts = dataclasses.replace(opts, num_workers=launch.default_workers())
     _check(opts)
     if opts.dry_run:
-        import dataclasses
         import json
 
         print(json.dumps({"command": "inference", "options": dataclasses.asdict(opts)}, indent=2))
         return
     labels = coco.load_labels(storage.stage_file(opts.label))
     found = images.collect(_stage_data(opts.data))
-    weights_path = _stage_weights(opts.model_weights)
+    weights_path = _local(opts.model_weights)
+    config_path = _local(opts.model_config)
+    if config_path and not os.path.isfile(config_path):
+        raise UserError(f"--model_config {opts.model_config}: file not found; pass the config written beside "
+                        "the weights (X.py)")
     output = storage.staging_path(opts.output) if storage.is_s3(opts.output) else opts.output
     device = launch.select_device(opts.device)
     # Joined before the model is built: on GPUs, joining sets this rank's device, so each rank's model lands
@@ -168,7 +182,7 @@ def run(opts):
     categories = meta.get("categories") or [{"id": i, "name": n} for i, n in enumerate(labels)]
 
     with contextlib.redirect_stdout(sys.stderr):  # mmengine/mmdet print to stdout
-        cfg = _load_config(weights_path, meta)
+        cfg = _load_config(opts, config_path, meta)
         mmconfig.raise_score_threshold(cfg.model, opts.score_threshold)
         init_default_scope("mmdet")
         from mmdet.registry import MODELS
@@ -176,9 +190,9 @@ def run(opts):
 
         register_all_modules(init_default_scope=False)
         model = MODELS.build(cfg.model)
-        model.load_state_dict(weights["state_dict"])
+        _load_state(model, weights, opts)
         model.to(device).eval()
-    with_mask = meta.get("task", "segm") == "segm"
+    with_mask = _task(meta, weights["state_dict"]) == "segm"
 
     # Several processes (torchrun, srun): each takes every world_size-th image and writes its own part.
     shard = list(range(where.rank, len(found.images), where.world_size))
@@ -236,6 +250,17 @@ def run(opts):
         predictions.merge_parts([os.path.join(output, f".{INSTANCES}.part{r}") for r in range(where.world_size)],
                                 os.path.join(output, INSTANCES), categories)
     _finish(output, opts.output)
+
+
+def _load_state(model, weights, opts):
+    """Strict: every tensor of the model comes from the weights, or the config does not describe them."""
+    try:
+        model.load_state_dict(weights["state_dict"])
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise UserError(f"{opts.model_weights}: its tensors do not fit the model of its config ({detail[:200]}); "
+                        "pass the config it was trained with (--model_config)") from None
 
 
 def _finish(local, target):

@@ -1,6 +1,7 @@
 """`cvtk-job train`: validate → configure → train → test → write the tutorial's outputs."""
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ class Plan:
     base_config: str
     resume: bool
     resume_from: Optional[str]  # None with resume: the workspace's latest checkpoint
-    load_from: Optional[str]  # weights to start from (a resume checkpoint, or the pretrained file)
+    pretrained: Optional[str]  # weights to start from when not resuming (--pretrained, local), or None
 
 
 def _check_numbers(opts):
@@ -129,11 +130,11 @@ def plan(opts):
     base_config = mmconfig.resolve_model(opts.model, opts.task)
     resume, resume_from = _resume_point(opts, outputs, remote, labels)
     # Resolved (and downloaded) here, so a missing file or a failed download leaves no outputs behind.
-    load_from = resume_from if resume else pretrained.resolve(storage.stage_file(opts.pretrained), base_config)
+    start_from = None if resume else pretrained.resolve(storage.stage_file(opts.pretrained), base_config)
     local = dict(splits)
     data = mmconfig.DataFiles(*(os.path.abspath(local[r]) if r in local else None
                                 for r in ("train", "valid", "test")))
-    return Plan(outputs, remote, labels, data, num_train, categories, base_config, resume, resume_from, load_from)
+    return Plan(outputs, remote, labels, data, num_train, categories, base_config, resume, resume_from, start_from)
 
 
 def _test_stats(p, task):
@@ -148,6 +149,8 @@ def _test_stats(p, task):
 
 
 def run(opts):
+    if opts.num_workers is None:
+        opts = dataclasses.replace(opts, num_workers=launch.default_workers())
     signals.install(signals.parse_duration(opts.time_limit) if opts.time_limit else None)
     where = launch.detect()
     if opts.dry_run:
@@ -191,7 +194,7 @@ def _train(opts, p, where, device):
     ctx = mmconfig.RunContext(
         classes=p.labels, data=p.data, work_dir=os.path.abspath(p.outputs.workspace),
         output_prefix=os.path.abspath(p.outputs.prefix), num_train_images=p.num_train_images,
-        device=device, load_from=p.load_from, resume=p.resume, world_size=where.world_size,
+        device=device, load_from=p.resume_from, resume=p.resume, pretrained=p.pretrained, world_size=where.world_size,
         launcher="pytorch" if where.distributed else "none",
         remote_prefix=p.remote.prefix if p.remote else None)
     cfg = mmconfig.build_config(opts, p.base_config, ctx)
@@ -231,7 +234,6 @@ def _train(opts, p, where, device):
 
 def _dry_run(opts, where):
     """Check the arguments and print the plan as JSON; touches no data, builds no model."""
-    import dataclasses
     import json
 
     _check_numbers(opts)

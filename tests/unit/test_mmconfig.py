@@ -9,15 +9,15 @@ from cvtk_job.options import TrainOptions
 CLASSES = ["flower", "green_fruit", "red_fruit"]
 
 
-def build(tmp_path, task="segm", **overrides):
+def build(tmp_path, task="segm", context=None, **overrides):
     fields = dict(label="l.txt", train="t.json", output_weights=str(tmp_path / "x.pth"), pretrained="none",
-                  task=task)
+                  task=task, num_workers=2)
     fields.update(overrides)
     opts = TrainOptions(**fields)
     ctx = mmconfig.RunContext(
         classes=CLASSES, data=mmconfig.DataFiles(str(tmp_path / "train.json"), str(tmp_path / "valid.json"),
                                                  str(tmp_path / "test.json")),
-        work_dir=str(tmp_path / "x"), output_prefix=str(tmp_path / "x"), num_train_images=60)
+        work_dir=str(tmp_path / "x"), output_prefix=str(tmp_path / "x"), num_train_images=60, **(context or {}))
     return mmconfig.build_config(opts, mmconfig.resolve_model(opts.model, task), ctx)
 
 
@@ -48,6 +48,27 @@ def test_random_init_leaves_no_download_in_the_model(tmp_path):
     cfg = build(tmp_path, pretrained="none")
     assert not [i for i in _all_values(cfg.model, "init_cfg") if isinstance(i, dict) and i.get("type") == "Pretrained"]
     assert cfg.load_from is None
+
+
+def _pretrained_inits(cfg):
+    return [i for i in _all_values(cfg.model, "init_cfg") if isinstance(i, dict) and i.get("type") == "Pretrained"]
+
+
+@pytest.mark.parametrize("task", ["segm", "det"])
+def test_a_checkpoint_to_start_from_leaves_no_imagenet_init_and_is_loaded_by_our_hook(tmp_path, task):
+    cfg = build(tmp_path, task, pretrained="auto", context=dict(pretrained="/ckpt/coco.pth"))
+    assert not _pretrained_inits(cfg)  # the default R101 configs name torchvision://resnet101
+    assert cfg.load_from is None and cfg.resume is False
+    assert [h for h in cfg.custom_hooks if h["type"] == "CvtkPretrained"] == [
+        dict(type="CvtkPretrained", checkpoint="/ckpt/coco.pth")]
+    assert "custom_imports" not in cfg  # X.py must load where cvtk-job is not installed
+
+
+def test_resuming_loads_the_training_state_and_not_the_pretrained_file(tmp_path):
+    cfg = build(tmp_path, pretrained="auto", context=dict(load_from="/w/epoch_2.pth", resume=True))
+    assert not _pretrained_inits(cfg)
+    assert cfg.load_from == "/w/epoch_2.pth" and cfg.resume is True
+    assert not [h for h in cfg.custom_hooks if h["type"] == "CvtkPretrained"]
 
 
 def test_masks_only_for_segm(tmp_path):

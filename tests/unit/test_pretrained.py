@@ -37,3 +37,33 @@ def test_a_failed_download_is_exit_3_with_the_offline_hint(tmp_path, monkeypatch
     url = f"http://127.0.0.1:{_free_ports(1)[0]}/mask_rcnn.pth"  # nothing listens on loopback there
     with pytest.raises(StorageError, match="use --pretrained none for random init"):
         pretrained.resolve(url, mmconfig.resolve_model(None, "segm"))
+
+
+def test_load_into_fills_what_fits_and_names_the_rest_in_one_line(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    torch.manual_seed(0)
+    coco = torch.nn.ModuleDict({"backbone": torch.nn.Conv2d(3, 4, 3), "fc_cls": torch.nn.Linear(4, 81)})
+    ours = torch.nn.ModuleDict({"backbone": torch.nn.Conv2d(3, 4, 3), "fc_cls": torch.nn.Linear(4, 4),
+                                "extra": torch.nn.Linear(2, 2)})
+    path = tmp_path / "coco.pth"
+    torch.save({"meta": {"CLASSES": ("a",) * 80}, "state_dict": coco.state_dict()}, path)
+    before = ours.fc_cls.weight.clone()
+    with caplog.at_level(logging.INFO, logger="cvtk_job.pretrained"):
+        pretrained.load_into(ours, str(path))
+    assert torch.equal(ours.backbone.weight, coco.backbone.weight)
+    assert torch.equal(ours.fc_cls.weight, before)
+    lines = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert lines == ["pretrained coco.pth: loaded 2 of 6 tensors; left at random init: fc_cls (other shape in the "
+                     "checkpoint); extra (not in the checkpoint)"]
+
+
+def test_load_into_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    import torch
+
+    path = tmp_path / "other.pth"
+    torch.save({"state_dict": {"x.weight": torch.zeros(2)}}, path)
+    with pytest.raises(UserError, match="none of its 1 tensors fits this model"):
+        pretrained.load_into(torch.nn.Linear(2, 2), str(path))
