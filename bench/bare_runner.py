@@ -8,6 +8,7 @@ from mmengine.runner import Runner
 config, work_dir = sys.argv[1:3]
 cfg = Config.fromfile(config)
 cfg.custom_hooks = []
+cfg.train_dataloader.pop("worker_init_fn", None)  # cvtk-job's (detached loader workers); MMEngine's default
 cfg.work_dir = work_dir
 cfg.load_from, cfg.resume = None, False
 cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None

@@ -83,7 +83,21 @@ def _termination_log(code, message):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; the exit code is also left for `cvtk_job.torchrun` when it started this worker."""
+    from .torchrun import record_exit_code
+
+    code = EXIT_BUG
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+    except SystemExit as err:  # argparse: --help (0) or an argument error (2)
+        code = err.code if isinstance(err.code, int) else EXIT_BUG
+        raise
+    finally:
+        record_exit_code(code)
+    return code
+
+
+def _main(argv):
     name, opts = parse(argv)
     _setup_logging()
     try:

@@ -9,6 +9,7 @@ Three launch contexts, detected from the environment (never a launcher of our ow
 """
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -38,13 +39,26 @@ class Launch:
         return self.rank == 0
 
 
+def first_host(nodelist):
+    """The first host of a Slurm host list without scontrol (inside a container there is none):
+    `gpu[001-004,007],cpu1` → `gpu001`; `n[1-2]-ib[3-4]` → `n1-ib3`; `a,b` → `a`."""
+    head, depth = [], 0
+    for ch in nodelist.strip():
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        head.append(ch)
+    # Inside each bracket, the first item of the first range: `[001-004,007]` → `001` (zero padding kept).
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", "".join(head))
+
+
 def _first_host(nodelist):
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              timeout=30, check=True).stdout.split()
         return out[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]  # no scontrol: a plain first name
+        return first_host(nodelist)
 
 
 def detect(env=None):

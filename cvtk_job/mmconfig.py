@@ -184,10 +184,15 @@ def _dataset(base, ann_file, classes, pipeline, test_mode):
     return dataset
 
 
+def _worker_init(opts):
+    # Loader workers in a process group of their own (signals.detach_loader_worker), seeded as MMEngine does.
+    return dict(type="cvtk_worker_init", num_workers=opts.num_workers, seed=opts.seed)
+
+
 def _eval_loader(base_dataset, ann_file, classes, pipeline, opts):
     return dict(
         batch_size=opts.batch_size, num_workers=opts.num_workers,
-        persistent_workers=opts.num_workers > 0, drop_last=False,
+        persistent_workers=opts.num_workers > 0, drop_last=False, worker_init_fn=_worker_init(opts),
         sampler=dict(type="DefaultSampler", shuffle=False),
         dataset=_dataset(base_dataset, ann_file, classes, pipeline, test_mode=True))
 
@@ -248,7 +253,7 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     train_dataset["filter_cfg"] = dict(filter_empty_gt=True, min_size=0)
     cfg.train_dataloader = ConfigDict(
         batch_size=opts.batch_size, num_workers=opts.num_workers,
-        persistent_workers=opts.num_workers > 0,
+        persistent_workers=opts.num_workers > 0, worker_init_fn=_worker_init(opts),
         sampler=dict(type="DefaultSampler", shuffle=True),
         batch_sampler=dict(type="AspectRatioBatchSampler"),
         dataset=train_dataset)
@@ -292,14 +297,16 @@ def build_config(opts, base_config_path: str, ctx: RunContext):
     cfg.log_processor = dict(type="LogProcessor", window_size=log_interval, by_epoch=True)
     # No `custom_imports`: train imports cvtk_job.mmhooks itself, and the dumped X.py must stay loadable
     # where cvtk-job is not installed (upstream cvtk's and mmdet's `init_detector` import custom modules).
-    cfg.custom_hooks = [dict(type="CvtkEpochStats", output_prefix=ctx.output_prefix),
-                        dict(type="CvtkRunGuard")]
+    cfg.custom_hooks = [dict(type="CvtkEpochStats", output_prefix=ctx.output_prefix)]
     if ctx.pretrained and not ctx.resume:
         # Not `load_from`: MMEngine would log every class-dependent tensor as a multi-line size mismatch.
         cfg.custom_hooks.append(dict(type="CvtkPretrained", checkpoint=ctx.pretrained))
     if ctx.remote_prefix:
         cfg.custom_hooks.append(dict(type="CvtkSyncOut", output_prefix=ctx.output_prefix,
                                      remote_prefix=ctx.remote_prefix))
+    # Last among equal priorities: a stop requested while the epoch's checkpoint was being written still
+    # lets CvtkSyncOut upload it first.
+    cfg.custom_hooks.append(dict(type="CvtkRunGuard"))
     cfg.env_cfg = dict(cudnn_benchmark=False,
                        mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                        dist_cfg=dict(backend="nccl" if ctx.device == "cuda" else "gloo"))

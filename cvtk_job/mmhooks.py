@@ -16,7 +16,7 @@ import numpy as np
 from mmengine.dist import is_main_process
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
-from mmengine.registry import HOOKS, METRICS
+from mmengine.registry import FUNCTIONS, HOOKS, METRICS
 
 from . import artifacts, predictions
 
@@ -88,6 +88,18 @@ class CvtkEpochStats(Hook):
             artifacts.write_valid_stats(self.outputs, self.valid_rows)
 
 
+@FUNCTIONS.register_module()
+def cvtk_worker_init(worker_id, num_workers, seed):
+    """MMEngine's DataLoader worker seeding (same seeds as its default), and out of the job's process group
+    (signals.detach_loader_worker)."""
+    from mmengine.dataset import worker_init_fn
+
+    from .signals import detach_loader_worker
+
+    worker_init_fn(worker_id, num_workers, int(os.environ.get("RANK", "0")), seed)
+    detach_loader_worker()
+
+
 @HOOKS.register_module()
 class CvtkPretrained(Hook):
     """Starts training from a checkpoint's weights (before_train runs after MMEngine's weight init)."""
@@ -110,29 +122,50 @@ class CvtkPretrained(Hook):
 @HOOKS.register_module()
 class CvtkRunGuard(Hook):
     """Ends the run at an iteration boundary after SIGTERM/SIGUSR1 or --time_limit (exit 75, see
-    cvtk_job.signals), and at once when the loss stops being finite (exit 4)."""
+    cvtk_job.signals), and at once when the loss stops being finite (exit 4).
+
+    Ranks decide together: a signal may reach one process only, and each rank's --time_limit clock and
+    loss are its own, so a rank that stopped alone would leave the others blocked in the next all-reduce.
+    At every boundary one all-reduce (MAX of 0 go on / 1 stop / 2 diverged) gives every rank the same
+    verdict, so all stop at the same iteration, with the same checkpoint and the same exit code. It is
+    registered after CvtkSyncOut: an epoch's checkpoint is uploaded before a stop takes effect.
+    """
 
     priority = "LOWEST"
+    GO, STOP, DIVERGED = 0, 1, 2
 
-    def _check(self, runner):
+    def _verdict(self, local):
+        from mmengine.dist import all_reduce, is_distributed
+
+        if not is_distributed():
+            return local
+        import torch
+
+        flag = torch.tensor([local], dtype=torch.int32)
+        all_reduce(flag, op="max")  # mmengine moves it to the backend's device (nccl: the GPU)
+        return int(flag.item())
+
+    def _check(self, runner, loss=None, batch_idx=None):
+        import math
+
         from . import signals
-        from .errors import Interrupted
+        from .errors import Interrupted, TrainingError
 
-        if signals.requested():
-            raise Interrupted(f"stopped by {signals.name()} during epoch {runner.epoch + 1}; the last complete "
+        diverged = loss is not None and not math.isfinite(float(loss.item() if hasattr(loss, "item") else loss))
+        verdict = self._verdict(self.DIVERGED if diverged else self.STOP if signals.requested() else self.GO)
+        if verdict == self.DIVERGED:
+            where = f"at epoch {runner.epoch + 1}, iteration {batch_idx + 1}" if batch_idx is not None else ""
+            value = f" {float(loss)}" if diverged else " NaN/inf in another process"
+            raise TrainingError(f"the loss became{value} {where}: training diverged; lower the learning rate "
+                                "(--lr, e.g. half of the auto value) or raise --batch_size, then start over with "
+                                "--resume none")
+        if verdict == self.STOP:
+            cause = signals.name() if signals.requested() else "a signal to another process"
+            raise Interrupted(f"stopped by {cause} during epoch {runner.epoch + 1}; the last complete "
                               "epoch is checkpointed: rerun the same command to resume")
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        import math
-
-        from .errors import TrainingError
-
-        loss = (outputs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss.item() if hasattr(loss, "item") else loss)):
-            raise TrainingError(f"the loss became {float(loss)} at epoch {runner.epoch + 1}, iteration "
-                                f"{batch_idx + 1}: training diverged; lower the learning rate (--lr, e.g. half "
-                                "of the auto value) or raise --batch_size, then start over with --resume none")
-        self._check(runner)
+        self._check(runner, (outputs or {}).get("loss"), batch_idx)
 
     def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         self._check(runner)

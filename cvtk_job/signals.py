@@ -7,6 +7,7 @@ epoch in progress.
 """
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -35,6 +36,20 @@ def install(time_limit_s=None):
         signal.signal(sig, _handler)
     if time_limit_s:
         _deadline.append(time.monotonic() + time_limit_s)
+
+
+def detach_loader_worker(*_):
+    """DataLoader workers leave the job's process group: the job's main process decides when to stop.
+
+    torchrun's agent (and Slurm) signal a worker's whole process group, and PyTorch's loader workers die
+    on a SIGTERM that does not come from their parent: the main process would then fail with "DataLoader
+    worker killed" instead of finishing its iteration and exiting 75. In a group of their own they hear
+    only their parent, which shuts them down as usual (and they exit when it is gone).
+    """
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # already a group or session leader: nothing to leave
 
 
 def parse_duration(text):

@@ -8,6 +8,7 @@ instance role; `AWS_ENDPOINT_URL(_S3)`); nothing here ever prints them.
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,22 @@ def join(uri, *parts):
 def cache_root():
     return os.environ.get("CVTK_JOB_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cvtk-job")
+
+
+@contextlib.contextmanager
+def node_lock():
+    """One stager at a time on a machine. The processes of one job on a node (torchrun's workers, srun's
+    tasks) share this cache: the first stages data and checkpoints, the others then find every object
+    cached and unchanged, so nothing is fetched twice and no two processes replace the same file."""
+    import fcntl
+
+    os.makedirs(cache_root(), exist_ok=True)
+    with open(os.path.join(cache_root(), ".stage.lock"), "a", encoding="ascii") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def cache_path(uri):

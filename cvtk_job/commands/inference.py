@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import artifacts, coco, images, launch, mmconfig, predictions, storage
-from ..errors import UserError
+from .. import artifacts, coco, images, launch, mmconfig, predictions, signals, storage
+from ..errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
 INSTANCES = "instances.json"
@@ -151,15 +151,17 @@ def run(opts):
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=launch.default_workers())
     _check(opts)
+    signals.install()  # SIGTERM/SIGUSR1: stop between batches, write nothing final, exit 75
     if opts.dry_run:
         import json
 
         print(json.dumps({"command": "inference", "options": dataclasses.asdict(opts)}, indent=2))
         return
-    labels = coco.load_labels(storage.stage_file(opts.label))
-    found = images.collect(_stage_data(opts.data))
-    weights_path = _local(opts.model_weights)
-    config_path = _local(opts.model_config)
+    with storage.node_lock():  # one stager per node; the other processes find everything cached
+        labels = coco.load_labels(storage.stage_file(opts.label))
+        found = images.collect(_stage_data(opts.data))
+        weights_path = _local(opts.model_weights)
+        config_path = _local(opts.model_config)
     if config_path and not os.path.isfile(config_path):
         raise UserError(f"--model_config {opts.model_config}: file not found; pass the config written beside "
                         "the weights (X.py)")
@@ -199,7 +201,8 @@ def run(opts):
     part = os.path.join(output, f".{INSTANCES}.part{where.rank}") if where.distributed else None
     dataset = ImageDataset([found.images[i] for i in shard], _inference_pipeline(cfg), keep_original=not opts.no_draw)
     # batch_size=None: the loader yields single items (read ahead by the workers); we batch by size.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers, shuffle=False,
+                                         worker_init_fn=signals.detach_loader_worker)
     os.makedirs(output, exist_ok=True)
     skipped, done = [], 0
     log.info("inference: %d images from %s (%s), batch %d, %s", len(found.images), opts.data, found.kind,
@@ -207,8 +210,12 @@ def run(opts):
     writer = predictions.PartWriter(part, categories) if part else \
         predictions.InstancesWriter(os.path.join(output, INSTANCES), categories)
     in_order = predictions.InputOrder(writer, shard)
+    stopped = False
     with writer, torch.no_grad():
         for batch in same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size):
+            if signals.requested():
+                stopped = True
+                break
             good = []
             for item in batch:
                 item.index = shard[item.index]  # position in this shard → position in the whole input
@@ -238,18 +245,34 @@ def run(opts):
             done += len(good)
             if done % max(50, opts.batch_size) < len(good):
                 log.info("inference: %d/%d images", done, len(found.images))
+        if where.distributed:
+            stopped = _any_rank(stopped)
+        if stopped:  # inside the `with`: the writer discards its part, nothing final is written
+            raise Interrupted(f"stopped by {signals.name()} after {done} of {len(shard)} images; rerun the same "
+                              "command to complete the predictions")
     log.info("inference done: %d images, %d detections (score >= %g), %d skipped%s",
              writer.num_images, writer.num_annotations, opts.score_threshold, len(skipped),
              f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else "")
     if where.distributed:
         import torch.distributed as dist
 
-        dist.barrier()  # every part is complete
+        dist.barrier()  # every part is complete (closed and renamed)
         if not where.is_main:
             return
         predictions.merge_parts([os.path.join(output, f".{INSTANCES}.part{r}") for r in range(where.world_size)],
                                 os.path.join(output, INSTANCES), categories)
     _finish(output, opts.output)
+
+
+def _any_rank(flag):
+    """True on every rank when it is True on one (a signal may reach one process only); a collective, so
+    it waits for every rank to finish its shard."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def _load_state(model, weights, opts):

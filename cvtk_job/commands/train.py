@@ -155,7 +155,8 @@ def run(opts):
     where = launch.detect()
     if opts.dry_run:
         return _dry_run(opts, where)
-    p = plan(opts)
+    with storage.node_lock():  # the other processes of this job on this node wait, then find it cached
+        p = plan(opts)
     device = launch.select_device(opts.device)
     # From here on the run has started: a failure leaves a record. Before, nothing was written at all.
     try:

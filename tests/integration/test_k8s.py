@@ -59,9 +59,14 @@ def check_objects(docs):
             if sec.get("allowPrivilegeEscalation") is not False or sec.get("capabilities", {}).get("drop") != ["ALL"]:
                 problems.append(f"{name}: container must drop ALL capabilities and forbid privilege escalation")
             command = container.get("command", [])
-            nnodes = _flag(command, "--nnodes")
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            nnodes = _flag(command, "--nnodes") or env.get("PET_NNODES")
             if nnodes is not None and int(nnodes) != spec.get("completions", 1):
                 problems.append(f"{name}: torchrun --nnodes={nnodes} but completions={spec.get('completions')}")
+            if spec.get("completions", 1) > 1 and spec.get("parallelism") != spec.get("completions"):
+                problems.append(f"{name}: parallelism must equal completions (every node at once)")
+            if "torchrun" in command:
+                problems.append(f"{name}: plain torchrun exits 1 whatever the job's code; use cvtk_job.torchrun")
         if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
             problems.append(f"{name}: pods must run as non-root")
         if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
@@ -126,6 +131,9 @@ def _broken(mutate, name="cvtk-train-multinode"):
     (lambda j, d: j["spec"]["template"]["metadata"]["labels"].update({"app.kubernetes.io/component": "x"}),
      "selector"),
     (lambda j, d: j["spec"].update(completions=3), "--nnodes=2 but completions=3"),
+    (lambda j, d: j["spec"].update(parallelism=1), "parallelism must equal completions"),
+    (lambda j, d: j["spec"]["template"]["spec"]["containers"][0].update(command=["torchrun", "/app/entrypoint.py"]),
+     "plain torchrun"),
     (lambda j, d: j["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].update(
         {"nvidia.com/gpu": "2"}), "GPU request 1 differs from limit 2"),
     (lambda j, d: j["spec"]["template"]["spec"]["containers"][0]["securityContext"].update(
