@@ -70,9 +70,11 @@ def detect(env=None):
             and "SLURM_STEP_ID" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         job = int(env.get("SLURM_JOB_ID", "0"))
+        # MASTER_ADDR/PORT when the batch script computed them on the host (slurm/common.sh: the first
+        # node's NodeAddr); else the first host of the node list.
         return Launch("slurm", int(env["SLURM_PROCID"]),
                       int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
-                      int(env.get("SLURM_LOCALID", "0")), _first_host(nodelist),
+                      int(env.get("SLURM_LOCALID", "0")), env.get("MASTER_ADDR") or _first_host(nodelist),
                       int(env.get("MASTER_PORT") or SLURM_PORT_BASE + job % SLURM_PORT_SPAN))
     return Launch("none")
 

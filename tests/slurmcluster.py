@@ -119,6 +119,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                     proc.wait()
         self.procs = []
 
-    def run(self, *cmd, **kwargs):
-        return subprocess.run(list(map(str, cmd)), env=dict(os.environ, **self.env), capture_output=True,
-                              text=True, **kwargs)
+    def run(self, *cmd, env=None, **kwargs):
+        """A Slurm command; `env` is added to the environment it sees (sbatch exports it to the job)."""
+        return subprocess.run(list(map(str, cmd)), env=dict(os.environ, **self.env, **(env or {})),
+                              capture_output=True, text=True, **kwargs)

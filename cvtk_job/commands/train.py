@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import artifacts, checkpoints, coco, launch, mmconfig, pretrained, signals, storage
+from .. import resume as resume_mod
 from ..errors import UserError
 from .validate import check
 
@@ -49,63 +50,6 @@ def _annotated_images(data):
     return sum(1 for img in data["images"] if img["id"] in with_boxes)
 
 
-def _resume_point(opts, outputs, remote, labels):
-    """(resume?, checkpoint) — `auto` continues when the workspace (local or on S3) holds a checkpoint."""
-    if opts.resume == "none":
-        return False, None
-    if opts.resume == "auto":
-        pointer = os.path.join(outputs.workspace, "last_checkpoint")
-        if not os.path.isfile(pointer) and remote is not None:
-            _fetch_remote_workspace(outputs, remote)
-        if not os.path.isfile(pointer):
-            return False, None
-        return (True, None) if _usable_checkpoint(outputs.workspace, pointer) else (False, None)
-    path = storage.stage_file(opts.resume)
-    if not os.path.isfile(path):
-        raise UserError(f"--resume {opts.resume}: checkpoint not found; use auto, none or a .pth path")
-    checkpoints.check_resumable(path, opts.task, labels)
-    return True, os.path.abspath(path)
-
-
-def _usable_checkpoint(workspace, pointer):
-    """Point `last_checkpoint` at the newest intact epoch checkpoint; False when there is none."""
-    import glob
-    import re
-
-    with open(pointer, encoding="utf-8") as fh:
-        latest = fh.read().strip()
-    if checkpoints.intact(latest):
-        return True
-    candidates = sorted(glob.glob(os.path.join(workspace, "epoch_*.pth")),
-                        key=lambda p: int(re.search(r"epoch_(\d+)\.pth$", p).group(1)), reverse=True)
-    for candidate in candidates:
-        if os.path.abspath(candidate) != os.path.abspath(latest) and checkpoints.intact(candidate):
-            log.warning("the latest checkpoint %s is damaged; resuming from %s instead", latest, candidate)
-            artifacts.write_text(pointer, os.path.abspath(candidate))
-            return True
-    log.warning("the latest checkpoint %s is damaged and no earlier one is intact; starting over", latest)
-    return False
-
-
-def _fetch_remote_workspace(outputs, remote):
-    """A fresh machine: bring the last checkpoint and the stats of an interrupted run back from S3."""
-    pointer_uri = storage.join(remote.workspace, "last_checkpoint")
-    if not storage.exists(pointer_uri):
-        return
-    with open(storage.stage_file(pointer_uri), encoding="utf-8") as fh:
-        name = os.path.basename(fh.read().strip())
-    local_ckpt = os.path.join(outputs.workspace, name)
-    os.makedirs(outputs.workspace, exist_ok=True)
-    os.replace(storage.stage_file(storage.join(remote.workspace, name)), local_ckpt)
-    for local, uri in ((outputs.train_txt, remote.train_txt), (outputs.valid_txt, remote.valid_txt)):
-        staged = storage.stage_optional(uri)
-        if staged:
-            artifacts.write_text(local, open(staged, encoding="utf-8").read())
-    # mmengine's pointer holds an absolute path: point it at this machine's copy.
-    artifacts.write_text(os.path.join(outputs.workspace, "last_checkpoint"), local_ckpt)
-    log.info("resuming from %s (fetched from S3)", storage.join(remote.workspace, name))
-
-
 def _outputs(opts):
     """(local outputs, remote outputs or None): S3 outputs are written to a local staging folder first."""
     if storage.is_s3(opts.output_weights):
@@ -128,7 +72,7 @@ def plan(opts):
     categories = [{"id": c["id"], "name": c["name"]} for c in sorted(reports[0].data["categories"],
                                                                       key=lambda c: c["id"])]
     base_config = mmconfig.resolve_model(opts.model, opts.task)
-    resume, resume_from = _resume_point(opts, outputs, remote, labels)
+    resume, resume_from = resume_mod.resume_point(opts.resume, opts.task, outputs, remote, labels)
     # Resolved (and downloaded) here, so a missing file or a failed download leaves no outputs behind.
     start_from = None if resume else pretrained.resolve(storage.stage_file(opts.pretrained), base_config)
     local = dict(splits)

@@ -21,13 +21,11 @@ def job_env(tmp_path):
             "CVTK_JOB_CACHE": str(tmp_path / "cache")}
 
 
-def submit(slurm, tmp_path, script, *args, sbatch=(), wait=True):
-    import os
-
-    os.environ.update(job_env(tmp_path))  # sbatch exports the submitting environment to the job
+def submit(slurm, tmp_path, script, *args, sbatch=(), wait=True, env=None):
+    """sbatch exports the submitting environment to the job: the job's settings go in that environment."""
     cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *SMALL, *sbatch, *(["--wait"] if wait else []),
            SLURM / script, *args]
-    return slurm.run(*cmd, timeout=900)
+    return slurm.run(*cmd, timeout=900, env={**job_env(tmp_path), **(env or {})})
 
 
 def train_args(data, out, *extra):
@@ -67,9 +65,13 @@ def test_two_ranks_train_together(slurm, tiny_data, tmp_path):
     job = result.stdout.strip().split(";")[0]
     log = log_of(tmp_path, "cvtk-train", job)
     assert result.returncode == 0, log[-3000:]
-    port = 20000 + int(job) % 20000
-    assert f"distributed: rank 0 of 2 (slurm, master {slurm.host}:{port})" in log
-    assert f"distributed: rank 1 of 2 (slurm, master {slurm.host}:{port})" in log
+    # The master is the first node's NodeAddr, as Slurm itself reports it (node names need not resolve).
+    first = slurm.run("scontrol", "show", "hostnames", slurm.run("squeue", "-h", "-j", job, "-o", "%N").stdout
+                      .strip() or slurm.host).stdout.split()[0]
+    addr = re.search(r"NodeAddr=(\S+)", slurm.run("scontrol", "show", "node", first).stdout).group(1)
+    masters = re.findall(r"distributed: rank (\d) of 2 \(slurm, master ([^:]+):(\d+)\)", log)
+    assert sorted(m[0] for m in masters) == ["0", "1"], log[-3000:]
+    assert {m[1] for m in masters} == {addr} and len({m[2] for m in masters}) == 1  # one master, one port
     assert "current batch size is 8" in log  # 2 ranks x 4: the auto learning rate follows the global batch
     assert rows(tmp_path / "strawberry.train_stats.train.txt") == ["1"]
     assert json.loads((tmp_path / "strawberry.done.json").read_text())["outputs"]

@@ -64,6 +64,13 @@ def test_a_checkpoint_to_start_from_leaves_no_imagenet_init_and_is_loaded_by_our
     assert "custom_imports" not in cfg  # X.py must load where cvtk-job is not installed
 
 
+def test_the_run_guard_comes_after_the_upload_of_an_epoch(tmp_path):
+    cfg = build(tmp_path, context=dict(remote_prefix="s3://b/run/x"))
+    types = [h["type"] for h in cfg.custom_hooks]
+    assert types[-2:] == ["CvtkSyncOut", "CvtkRunGuard"]  # equal priority: registration order decides
+    assert cfg.train_dataloader.worker_init_fn == dict(type="cvtk_worker_init", num_workers=2, seed=0)
+
+
 def test_resuming_loads_the_training_state_and_not_the_pretrained_file(tmp_path):
     cfg = build(tmp_path, pretrained="auto", context=dict(load_from="/w/epoch_2.pth", resume=True))
     assert not _pretrained_inits(cfg)
