@@ -100,3 +100,13 @@ def test_a_signalled_job_requeues_and_finishes_from_its_checkpoint(slurm, tiny_d
     assert "requeueing (restart 1 of 3)" in log
     assert "resumed epoch:" in log
     assert rows(tmp_path / "strawberry.train_stats.train.txt") == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("nodelist", ["gpu[001-004,007],cpu1", "n[1-2]-ib[3-4]", "gpu[7,9-10]", "x1,x2"])
+def test_first_host_without_scontrol_agrees_with_scontrol(slurm, nodelist):
+    """Inside a container there is no scontrol: launch.first_host must read node lists as Slurm does."""
+    from cvtk_job import launch
+
+    out = slurm.run("scontrol", "show", "hostnames", nodelist)
+    assert out.returncode == 0, out.stderr
+    assert launch.first_host(nodelist) == out.stdout.split()[0]

@@ -36,10 +36,3 @@ def test_the_affinity_mask_is_what_counts_not_the_machine():
 ])
 def test_first_host_of_a_slurm_nodelist_without_scontrol(nodelist, first):
     assert launch.first_host(nodelist) == first
-
-
-@pytest.mark.skipif(not shutil.which("scontrol"), reason="Slurm's scontrol is not installed")
-@pytest.mark.parametrize("nodelist", ["gpu[001-004,007],cpu1", "n[1-2]-ib[3-4]", "a[09-10]b"])
-def test_first_host_agrees_with_scontrol(nodelist):
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    assert launch.first_host(nodelist) == out.stdout.split()[0]
