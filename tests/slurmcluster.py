@@ -1,4 +1,5 @@
-"""A real one-node Slurm (Debian slurmctld + slurmd) on 127.0.0.1, started and stopped by the tests.
+"""A real Slurm (Debian slurmctld + slurmd) on 127.0.0.1, started and stopped by the tests: one node, or
+several nodes on this one machine (one slurmd each; Debian's Slurm is built with --enable-multiple-slurmd).
 
 auth/none (no munge), loopback only, two fake GPUs (character devices) so that templates asking for
 `--gres=gpu:N` are accepted, state wiped at every start. Daemons run in the foreground of processes
@@ -34,11 +35,13 @@ def _free_port():
 
 
 class SlurmCluster:
-    def __init__(self, root):
+    def __init__(self, root, nodes=1):
         self.root = Path(root)
         self.host = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
         self.procs = []
+        # One node is this machine's hostname; several are n1..nN, all on this host (NodeHostname).
+        self.nodes = [self.host] if nodes == 1 else [f"n{i}" for i in range(1, nodes + 1)]
 
     @property
     def env(self):
@@ -60,10 +63,21 @@ class SlurmCluster:
         for word in out.split():
             if word.startswith("RealMemory="):
                 memory = int(word.split("=")[1])
+        if len(self.nodes) == 1:
+            slurmd = f"SlurmdPort={_free_port()}\nSlurmdSpoolDir={spool}\nSlurmdPidFile={self.root}/slurmd.pid\n" \
+                     f"SlurmdLogFile={self.root}/slurmd.log"
+            nodes = f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs=2 RealMemory={memory} Gres=gpu:2 State=UNKNOWN"
+            gres = f"NodeName={self.host} Name=gpu File={devices}/nvidia[0-1]\n"
+        else:  # each node its own port, spool, pid and log (%n: the node name), one fake GPU each
+            slurmd = f"SlurmdSpoolDir={spool}-%n\nSlurmdPidFile={self.root}/slurmd-%n.pid\n" \
+                     f"SlurmdLogFile={self.root}/slurmd-%n.log\nSlurmdParameters=config_overrides"
+            nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs=2 "
+                              f"RealMemory={memory // len(self.nodes)} Gres=gpu:1 State=UNKNOWN" for n in self.nodes)
+            gres = "".join(f"NodeName={n} Name=gpu File={devices}/nvidia{i}\n" for i, n in enumerate(self.nodes))
         self.conf.write_text(f"""ClusterName=cvtktest
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+{slurmd}
 AuthType=auth/none
 CredType=cred/none
 SlurmUser=root
@@ -73,11 +87,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 StateSaveLocation={state}
-SlurmdSpoolDir={spool}
 SlurmctldPidFile={self.root}/slurmctld.pid
-SlurmdPidFile={self.root}/slurmd.pid
 SlurmctldLogFile={self.root}/slurmctld.log
-SlurmdLogFile={self.root}/slurmd.log
 ReturnToService=2
 EnforcePartLimits=ALL
 SchedulerParameters=batch_sched_delay=0
@@ -85,10 +96,10 @@ MinJobAge=300
 JobRequeue=1
 GresTypes=gpu
 MpiDefault=none
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs=2 RealMemory={memory} Gres=gpu:2 State=UNKNOWN
+{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
-        (self.root / "gres.conf").write_text(f"NodeName={self.host} Name=gpu File={devices}/nvidia[0-1]\n")
+        (self.root / "gres.conf").write_text(gres)
 
     def start(self):
         ensure_installed()
@@ -97,12 +108,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         log = open(self.root / "daemons.out", "ab")
         self.procs.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], env=env,
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        self.procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(self.conf), "-N", self.host], env=env,
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        for node in self.nodes:
+            self.procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(self.conf), "-N", node], env=env,
+                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.time() + 60
         while True:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
-            if out.strip() in ("idle", "mixed"):
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            states = out.split()
+            if len(states) == len(self.nodes) and set(states) <= {"idle", "mixed"}:
                 return self
             if time.time() > deadline or any(p.poll() is not None for p in self.procs):
                 raise RuntimeError(f"Slurm did not come up: {out!r}; see {self.root}")

@@ -12,6 +12,7 @@ keeps predictions independent of `--batch_size` and wastes no compute on padding
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -153,8 +154,6 @@ def run(opts):
     _check(opts)
     signals.install()  # SIGTERM/SIGUSR1: stop between batches, write nothing final, exit 75
     if opts.dry_run:
-        import json
-
         print(json.dumps({"command": "inference", "options": dataclasses.asdict(opts)}, indent=2))
         return
     with storage.node_lock():  # one stager per node; the other processes find everything cached
@@ -171,6 +170,8 @@ def run(opts):
     # on its own GPU rather than all of them on GPU 0.
     where = launch.detect()
     launch.init_distributed(where, device)
+    if where.distributed and storage.is_s3(opts.output):
+        output = os.path.join(output, f".rank{where.rank}")  # ranks on one machine share the cache folder
 
     import torch
     from mmengine.dataset import pseudo_collate
@@ -253,15 +254,55 @@ def run(opts):
     log.info("inference done: %d images, %d detections (score >= %g), %d skipped%s",
              writer.num_images, writer.num_annotations, opts.score_threshold, len(skipped),
              f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else "")
+    if where.distributed and storage.is_s3(opts.output):
+        return _finish_distributed_s3(output, opts.output, where, categories)
     if where.distributed:
         import torch.distributed as dist
 
+        # A local --output: the parts meet in the same folder (one machine, or a shared filesystem).
         dist.barrier()  # every part is complete (closed and renamed)
         if not where.is_main:
             return
         predictions.merge_parts([os.path.join(output, f".{INSTANCES}.part{r}") for r in range(where.world_size)],
                                 os.path.join(output, INSTANCES), categories)
     _finish(output, opts.output)
+
+
+def _finish_distributed_s3(local, target, where, categories):
+    """Several processes, maybe on several machines with nothing shared but the bucket: each uploads its
+    drawn images, its part of instances.json and a manifest of what it uploaded; rank 0 fetches the parts,
+    merges them, and writes instances.json and done.json (every rank's files) last."""
+    import torch.distributed as dist
+
+    part = os.path.join(local, f".{INSTANCES}.part{where.rank}")
+    manifest = os.path.join(local, f".manifest.rank{where.rank}.json")
+    drawn = [os.path.join(parent, f) for parent, _, files in os.walk(local) for f in files if not f.startswith(".")]
+    outbox = storage.Outbox(local, target)
+    outbox.sync(drawn)
+    artifacts.write_json(manifest, storage.done_marker(drawn, local))
+    outbox.sync([part, manifest])
+    dist.barrier()  # every rank's files are on S3
+    if not where.is_main:
+        return
+    shared = [(storage.join(target, f".{INSTANCES}.part{r}"), storage.join(target, f".manifest.rank{r}.json"))
+              for r in range(where.world_size)]
+    parts = [part] + [storage.stage_file(uri) for uri, _ in shared[1:]]
+    entries = []
+    for r, (_, uri) in enumerate(shared):
+        with open(manifest if r == 0 else storage.stage_file(uri), encoding="utf-8") as fh:
+            entries += json.load(fh)["outputs"]
+    instances = os.path.join(local, INSTANCES)
+    predictions.merge_parts(parts, instances, categories)
+    marker = os.path.join(local, DONE)
+    done = storage.done_marker([instances], local)
+    done["outputs"] = sorted(done["outputs"] + entries, key=lambda e: e["path"])
+    artifacts.write_json(marker, done, indent=2)
+    outbox.sync([instances])
+    outbox.sync([marker])  # last: its presence means every output is complete
+    for uris in shared:
+        for uri in uris:
+            storage.remove(uri)
+    print(storage.join(target, INSTANCES))
 
 
 def _any_rank(flag):

@@ -166,3 +166,36 @@ def test_torchrun_shards_the_images_and_merges_one_instances_json(small_data, tr
         assert len(dets) == len(ones[name]), name
         for (c, s, box), (c1, s1, box1) in zip(dets, ones[name], strict=True):
             assert c == c1 and s == pytest.approx(s1, abs=1e-4) and box == pytest.approx(box1, abs=0.01), name
+
+
+def test_sigterm_stops_inference_with_75_writing_nothing_final_and_a_rerun_completes(small_data, trained_segm,
+                                                                                  tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    data = tmp_path / "field"
+    data.mkdir()
+    src = sorted((small_data / "test" / "images").iterdir())
+    for i in range(120):  # enough images for the signal to land mid-run
+        shutil.copy(src[i % len(src)], data / f"{i:03d}_{src[i % len(src)].name}")
+    out = tmp_path / "out"
+    args = ["inference", "--label", small_data / "label.txt", "--data", data, "--model_weights", trained_segm,
+            "--output", out, "--batch_size", "1", *LOW]
+    proc = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    for line in proc.stderr:
+        if "inference: 50/120 images" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped by SIGTERM after" in err.strip().splitlines()[-1]
+    assert not (out / "instances.json").exists() and not (out / "done.json").exists()
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(load_instances(out)["images"]) == 120 and (out / "done.json").exists()
