@@ -205,8 +205,16 @@ def test_single_pod_two_processes_a_signal_to_one_rank_stops_all(s3_data, tmp_pa
                for w in doc["spec"]["template"]["spec"]["containers"][0]["command"]]
     assert command != doc["spec"]["template"]["spec"]["containers"][0]["command"]
 
-    pod = Pod(doc, 0, tmp_path / "first", s3_data.env(), command=command)
-    wait_for([pod], "Epoch(train) [2][2/4]")
+    from tests.s3proxy import CountingProxy
+
+    with CountingProxy(s3_data.endpoint) as proxy:  # what reaches S3 from this pod's two processes
+        pod = Pod(doc, 0, tmp_path / "first", dict(s3_data.env(), AWS_ENDPOINT_URL_S3=proxy.endpoint),
+                  command=command)
+        wait_for([pod], "Epoch(train) [2][2/4]")
+        fetched = proxy.gets(f"/{BUCKET}/strawberry/")
+    # One stager per node: every input object is fetched once, not once per process.
+    expected = {f"/{BUCKET}/{k}" for k in s3_data.keys(BUCKET, "strawberry/") if not k.endswith("bbox.json")}
+    assert set(fetched) == expected and set(fetched.values()) == {1}, fetched
     workers = pod.workers()
     assert sorted(workers) == [0, 1], workers
     os.kill(workers[1], signal.SIGTERM)  # one rank alone: e.g. an OOM-killer's warning, a stray signal
@@ -219,7 +227,15 @@ def test_single_pod_two_processes_a_signal_to_one_rank_stops_all(s3_data, tmp_pa
     assert any("SIGTERM" in s for s in stops) and any("a signal to another process" in s for s in stops), out[-3000:]
     assert policy_action(doc, code) == "Ignore"
 
+    # The pod evicted (SIGTERM to its PID 1, the agent): the agent passes it on, both ranks stop, 75.
     pod = Pod(doc, 0, tmp_path / "second", s3_data.env(), command=command)
+    wait_for([pod], "Epoch(train) [3][2/4]")
+    os.kill(pod.proc.pid, signal.SIGTERM)
+    code = pod.wait()
+    assert code == 75, pod.output()[-4000:]
+    assert "every worker checkpointed and stopped; exiting 75" in pod.output()
+
+    pod = Pod(doc, 0, tmp_path / "third", s3_data.env(), command=command)
     code = pod.wait()
     assert code == 0, pod.output()[-4000:]
     assert_complete(s3_data)
