@@ -22,6 +22,14 @@ def _search_dirs():
     return [d for d in (baked, cache_dir()) if d]
 
 
+def shown(url):
+    """A URL fit for logs and failure records: a presigned URL's query (X-Amz-Signature=…, tokens) is a
+    credential, so it is cut to `?…`."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(query="…" if parts.query else "", fragment="")) \
+        if parts.scheme else url
+
+
 def _fetch(url):
     name = os.path.basename(urllib.parse.urlparse(url).path)
     for folder in _search_dirs():
@@ -30,7 +38,7 @@ def _fetch(url):
             return candidate
     target = os.path.join(cache_dir(), name)
     os.makedirs(cache_dir(), exist_ok=True)
-    log.info("downloading %s to %s", url, target)
+    log.info("downloading %s to %s", shown(url), target)
     import torch
 
     try:
@@ -38,7 +46,7 @@ def _fetch(url):
         torch.hub.download_url_to_file(url, target, progress=True)
     except Exception as err:  # noqa: BLE001 - any network failure gets the same advice
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StorageError(f"could not download the pretrained checkpoint {url} ({reason}); use "
+        raise StorageError(f"could not download the pretrained checkpoint {shown(url)} ({reason}); use "
                            "--pretrained none for random init, or --pretrained PATH with a local "
                            "file") from None
     return target

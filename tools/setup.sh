@@ -17,7 +17,9 @@ CACHE=${CVTK_JOB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cvtk-job}
 WHEELHOUSE=${CVTK_JOB_WHEELHOUSE:-$CACHE/wheelhouse/${PYTAG}-${TORCH_PIN#torch==}}
 mkdir -p "$WHEELHOUSE"
 
-pip_quiet() { "$@" --quiet --disable-pip-version-check 2>&1 | grep -v -E 'is ignored: it is neither' || true; }
+# pip without its noise about the image's extra index folders. The filter never fails (grep exits 1 when
+# it prints nothing); pip's own failure does, under pipefail: nothing after it runs or is marked complete.
+pip_quiet() { "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v -E 'is ignored: it is neither' || true; }; }
 
 build_mmcv_wheel() {
   local build_venv="$CACHE/mmcv-build-venv"
@@ -27,7 +29,7 @@ build_mmcv_wheel() {
   pip_quiet "$build_venv/bin/pip" install -c "$CONSTRAINTS" "$TORCH_PIN" numpy
   pip_quiet "$build_venv/bin/pip" install -r requirements/mmcv-build.txt
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$build_venv/bin/pip" wheel --no-build-isolation \
-    --no-deps "$MMCV_PIN" -w "$WHEELHOUSE" 2>&1 | grep -v -E 'is ignored: it is neither'
+    --no-deps "$MMCV_PIN" -w "$WHEELHOUSE" 2>&1 | { grep -v -E 'is ignored: it is neither' || true; }
   rm -rf "$build_venv"
 }
 

@@ -3,7 +3,7 @@
 import pytest
 
 from cvtk_job import mmconfig, pretrained
-from cvtk_job.errors import UserError
+from cvtk_job.errors import StorageError, UserError
 
 
 def test_auto_finds_a_baked_checkpoint_without_network(tmp_path, monkeypatch):
@@ -30,7 +30,6 @@ def test_none_and_paths(tmp_path):
 
 
 def test_a_failed_download_is_exit_3_with_the_offline_hint(tmp_path, monkeypatch):
-    from cvtk_job.errors import StorageError
     from tests.s3server import _free_ports
 
     monkeypatch.setenv("CVTK_JOB_CACHE", str(tmp_path))
@@ -67,3 +66,20 @@ def test_load_into_refuses_a_checkpoint_of_another_architecture(tmp_path):
     torch.save({"state_dict": {"x.weight": torch.zeros(2)}}, path)
     with pytest.raises(UserError, match="none of its 1 tensors fits this model"):
         pretrained.load_into(torch.nn.Linear(2, 2), str(path))
+
+
+def test_a_presigned_url_never_reaches_logs_or_records():
+    url = "https://bucket.s3.example.org/ckpt/model.pth?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeef"
+    assert pretrained.shown(url) == "https://bucket.s3.example.org/ckpt/model.pth?…"
+    assert pretrained.shown("https://download.openmmlab.com/a/b.pth") == "https://download.openmmlab.com/a/b.pth"
+
+
+def test_a_failed_download_names_the_url_without_its_signature(tmp_path, monkeypatch):
+    monkeypatch.setenv("CVTK_JOB_CACHE", str(tmp_path))
+    from tests.s3server import _free_ports
+
+    port = _free_ports(1)[0]  # nothing listens on loopback there
+    url = f"http://127.0.0.1:{port}/model.pth?X-Amz-Signature=deadbeef"
+    with pytest.raises(StorageError) as err:
+        pretrained.resolve(url, mmconfig.resolve_model(None, "segm"))
+    assert "deadbeef" not in str(err.value) and f"http://127.0.0.1:{port}/model.pth?…" in str(err.value)
