@@ -1,7 +1,7 @@
 """Models move between upstream cvtk and cvtk-job in both directions, and no config is ever run as code.
 
-Upstream cvtk cannot run here (it downloads through MIM), so its model is made the way it makes one
-(../shared/reference/cvtk-behaviour.md §3.1): a real MMEngine Runner trains, `X.pth` is a byte copy of
+Upstream cvtk cannot run here (it downloads through MIM), so its model is made the way cvtk makes one
+(its `save()` after training): a real MMEngine Runner trains, `X.pth` is a byte copy of
 the workspace's `epoch_N.pth` (state_dict, optimizer, param_schedulers, message_hub, meta with
 dataset_meta and cfg) and `X.py` is `cfg.dump()`. The reverse direction runs what cvtk's inference runs:
 mmdet's `init_detector` + `inference_detector`, in a process where cvtk_job cannot be imported.

@@ -111,8 +111,7 @@ def test_two_nodes_a_broken_dataset_is_exit_2_and_not_requeued(slurm2, bucket, t
 def test_two_nodes_inference_without_a_shared_disk(slurm2, bucket, tmp_path):
     """Each node's drawn images and its part of instances.json reach S3; rank 0 merges through the bucket."""
     weights = f"s3://{BUCKET}/run/strawberry.pth"
-    if "run/strawberry.pth" not in bucket.keys(BUCKET, "run/"):
-        pytest.skip("needs the weights of the training test above")
+    assert "run/strawberry.pth" in bucket.keys(BUCKET, "run/"), "the training test above writes the weights"
     out = f"s3://{BUCKET}/pred/"
     result, job = submit(slurm2, tmp_path, bucket, "inference.sbatch", "--label", f"s3://{BUCKET}/data/label.txt",
                          "--data", f"s3://{BUCKET}/data/test/images/", "--model_weights", weights, "--output", out,
