@@ -94,7 +94,26 @@ def main(argv=None):
         raise
     finally:
         record_exit_code(code)
+    if code and _one_of_several_tasks():
+        _leave_now(code)
     return code
+
+
+def _one_of_several_tasks(env=None):
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE") or 1) > 1 or int(env.get("SLURM_NTASKS") or env.get("SLURM_STEP_NUM_TASKS")
+                                                       or 1) > 1
+
+
+def _leave_now(code):
+    """Exit at once, with `code`. `srun --kill-on-bad-exit` signals the other tasks as soon as one exits
+    non-zero; a task already on its way out with the same code (bad input, a stop agreed by all ranks)
+    would then die of that SIGTERM during interpreter shutdown (Python restores the default handler
+    there) and report 143, and the job's code would no longer be 2 or 75."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _main(argv):
