@@ -155,6 +155,88 @@ def test_broken_manifests_fail_the_strict_schema():
         kubernetes_validate.validate(job, K8S_VERSION, strict=True)
 
 
+SECRET = "cvtk-s3"  # the S3 credentials Secret the base's Jobs read
+SECRET_KUSTOMIZATIONS = [REPO / "k8s" / "base", REPO / "k8s" / "overlays" / "example",
+                         REPO / "k8s" / "overlays" / "kueue"]
+IRSA = REPO / "k8s" / "overlays" / "irsa"
+ROLE_ARN = "arn:aws:iam::111122223333:role/cvtk-job"  # the overlay's placeholder
+
+
+def secret_refs(container):
+    """The Secrets a container's environment reads: envFrom secretRefs and env secretKeyRefs."""
+    refs = [e["secretRef"] for e in container.get("envFrom", []) if "secretRef" in e]
+    return refs + [e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+                   if "secretKeyRef" in e.get("valueFrom", {})]
+
+
+def secret_problems(docs):
+    """Every container of every Job must read the Secret, and not optionally: a pod whose Secret is
+    missing must wait in CreateContainerConfigError, never run with the node's IAM role."""
+    problems = []
+    for job in (d for d in docs if d["kind"] == "Job"):
+        for container in job["spec"]["template"]["spec"]["containers"]:
+            where = f"{job['metadata']['name']}/{container['name']}"
+            refs = [r for r in secret_refs(container) if r.get("name") == SECRET]
+            if not refs:
+                problems.append(f"{where}: does not read the Secret {SECRET}")
+            if any(r.get("optional") for r in refs):
+                problems.append(f"{where}: the Secret {SECRET} is optional; without it the pod runs as the node")
+    return problems
+
+
+@pytest.mark.parametrize("folder", SECRET_KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_the_credentials_secret_is_required_in_every_job(folder):
+    docs = render(folder)
+    assert len([d for d in docs if d["kind"] == "Job"]) == 3
+    assert secret_problems(docs) == []
+
+
+@pytest.mark.parametrize("name", ["cvtk-train", "cvtk-train-multinode", "cvtk-inference"])
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["envFrom"][0]["secretRef"].update(optional=True), "is optional"),
+    (lambda c: c.pop("envFrom"), "does not read the Secret"),
+    (lambda c: c.update(envFrom=[], env=[*c["env"], {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {
+        "secretKeyRef": {"name": SECRET, "key": "AWS_ACCESS_KEY_ID", "optional": True}}}]), "is optional"),
+])
+def test_an_optional_or_missing_secret_fails_our_check(name, mutate, message):
+    docs = _broken(lambda j, d: mutate(j["spec"]["template"]["spec"]["containers"][0]), name=name)
+    problems = secret_problems(docs)
+    assert problems and all(p.startswith(f"{name}/cvtk: ") for p in problems), problems
+    assert any(message in p for p in problems), problems
+
+
+def test_the_irsa_overlay_uses_the_service_account_role_and_no_secret():
+    docs = render(IRSA)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert check_objects(docs) == []
+    assert SECRET not in yaml.safe_dump_all(docs)
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    accounts = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert len(jobs) == 3 and len(accounts) == 1
+    account = accounts[0]["metadata"]
+    assert account["annotations"]["eks.amazonaws.com/role-arn"] == ROLE_ARN
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert (pod["serviceAccountName"], job["metadata"]["namespace"]) == (account["name"], account["namespace"])
+        for container in pod["containers"]:
+            assert secret_refs(container) == []
+            assert {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"} in container["env"]  # never the node's role
+
+
+def test_the_irsa_overlay_is_the_example_without_the_secret():
+    """Patches, not copies: apart from identity, the irsa overlay renders exactly the example."""
+    expected = render(REPO / "k8s" / "overlays" / "example")
+    for doc in expected:
+        if doc["kind"] == "ServiceAccount":
+            doc["metadata"]["annotations"] = {"eks.amazonaws.com/role-arn": ROLE_ARN}
+        if doc["kind"] == "Job":
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                assert container.pop("envFrom") == [{"secretRef": {"name": SECRET}}]
+                container["env"].append({"name": "AWS_EC2_METADATA_DISABLED", "value": "true"})
+    assert render(IRSA) == expected
+
+
 def sbatch_examples(script):
     """The `sbatch …` command lines in a template's header comment, continuation lines joined."""
     text, lines = "", []
