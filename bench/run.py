@@ -2,6 +2,7 @@
 
 Each benchmark prints `name: ours X, baseline Y, ratio Z (target T)`; the table goes to
 docs/benchmarks.md with the machine's details. Not part of `make test` (minutes, not seconds).
+`bench/run.py --only coco_scale` (or another name in ONLY) runs one benchmark and only prints its rows.
 """
 
 import json
@@ -283,6 +284,29 @@ def bench_evaluate():
            "against pycocotools) and also validates the ground truth and computes per-class stats")
 
 
+def bench_coco_scale():
+    """`validate` on a lab-scale COCO file vs pycocotools' COCO() loading it plus a Pillow header read per image."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import coco_scale
+
+    n_images = int(os.environ.get("BENCH_COCO_IMAGES", coco_scale.IMAGES))
+    n_annotations = int(os.environ.get("BENCH_COCO_ANNOTATIONS", coco_scale.ANNOTATIONS))
+    start = time.perf_counter()
+    path = coco_scale.generate(WORK / f"coco_{n_images}_{n_annotations}", n_images, n_annotations)  # cached
+    made = time.perf_counter() - start
+    theirs = measure([PY, REPO / "bench" / "coco_scale.py", "baseline", path])
+    ours = measure([*CLI, "validate", "--train", path])
+    what = (f"{n_images:,} images ({coco_scale.PER_FOLDER:,} per folder, tiny JPEGs), {n_annotations:,} polygons, "
+            f"{path.stat().st_size / 2**20:.0f} MiB JSON; baseline = COCO(file) + PIL.Image.open(path).size each; "
+            f"one run each, page cache warm" + (f"; generated in {made:.0f} s" if made > 1 else ""))
+    ratio = ours["wall_s"] / theirs["wall_s"]
+    report("validate lab-scale COCO vs pycocotools load + headers", ours["wall_s"], theirs["wall_s"], "s", ratio,
+           "<= 0.75", ratio <= 0.75, what)
+    ratio = ours["peak_rss_mib"] / theirs["peak_rss_mib"]
+    report("validate lab-scale COCO peak RSS vs pycocotools", ours["peak_rss_mib"] / 1024,
+           theirs["peak_rss_mib"] / 1024, "GiB", ratio, "<= 1.3", ratio <= 1.3, "same runs; peak RSS of each process")
+
+
 def machine():
     import torch
 
@@ -304,6 +328,18 @@ def write_table(path, how):
     path.write_text("\n".join(lines) + "\n")
 
 
+# `bench/run.py --only NAME`: one benchmark alone; its rows are printed, docs/benchmarks.md is left as it was.
+ONLY = {
+    "startup": bench_startup,
+    "train_overhead": bench_train_overhead,
+    "inference": lambda: bench_inference_memory(weights := trained_model(),
+                                                compare_inference(weights, 40, 4, "cpu", 2)),
+    "s3_staging": bench_s3_staging,
+    "evaluate": bench_evaluate,
+    "coco_scale": bench_coco_scale,
+}
+
+
 def main():
     WORK.mkdir(parents=True, exist_ok=True)
     if sys.argv[1:] == ["--gpu"]:  # the GPU part alone, on a lent GPU machine (tools/gpu_check.sh)
@@ -314,12 +350,23 @@ def main():
         bench_gpu()
         write_table(REPO / "docs" / "benchmarks-gpu.md", "python bench/run.py --gpu")
         return
+    if sys.argv[1:2] == ["--only"]:
+        names = sys.argv[2:]
+        unknown = [n for n in names if n not in ONLY]
+        if not names or unknown:
+            sys.exit(f"bench --only NAME...: NAME is one of {', '.join(ONLY)}")
+        for name in names:
+            ONLY[name]()
+        return
+    if sys.argv[1:]:
+        sys.exit("usage: bench/run.py [--gpu | --only NAME...]")
     weights = trained_model()
     bench_startup()
     bench_train_overhead()
     bench_inference_memory(weights, compare_inference(weights, 40, 4, "cpu", 2))
     bench_s3_staging()
     bench_evaluate()
+    bench_coco_scale()
     bench_gpu()
     write_table(REPO / "docs" / "benchmarks.md", "make bench")
 
