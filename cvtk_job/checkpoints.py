@@ -57,31 +57,72 @@ def intact(path):
 
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
+            # torch.save writes <name>/data.pkl (the pickle) beside the tensors; any other zip is not a checkpoint.
+            return archive.testzip() is None and any(n.endswith("/data.pkl") for n in archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
 
 
-def load_weights(path):
-    """Open a weights file someone hands us: tensors and plain data only (cvtk-job's weights, or an MMEngine
-    training checkpoint such as upstream cvtk's X.pth, whose extra state is allow-listed plain data)."""
-    import torch
-
+def _read(path, flag, fix):
+    """torch.load with weights_only=True; every way a foreign file fails becomes one UserError line."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: weights file not found; pass the .pth written by train")
+        raise UserError(f"{flag}: file not found; {fix}")
     if not intact(path):
-        raise UserError(f"{path}: not a readable torch checkpoint (truncated, or not a .pth file); pass the .pth "
-                        "written by cvtk-job train")
+        raise UserError(f"{flag}: not a readable torch checkpoint (truncated, or not a .pth file); {fix}")
+    import torch  # after the cheap checks: importing torch alone takes a second
+
     allow_mmengine_checkpoints()
     try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"{path}: not a plain weights file ({first}); use the .pth written by "
-                        "cvtk-job train") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        why = next((line for line in lines if "Unsupported global" in line or "refusing" in line), lines[0] if lines
+                   else "")
+        raise UserError(f"{flag}: not a plain weights file: it holds objects that are not plain data "
+                        f"({why[:160]}); {fix}") from None
+    except Exception as err:  # noqa: BLE001 - a zip that is not a torch archive, a foreign pickle protocol
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{flag}: not a torch checkpoint ({first}); {fix}") from None
+
+
+def state_dict_of(ckpt, flag, fix):
+    """The tensors of a loaded checkpoint: its `state_dict`, or the dict itself when it is one."""
+    import torch
+
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{flag}: holds a {type(ckpt).__name__}, not a model checkpoint (a dict with a "
+                        f"state_dict); {fix}")
+    state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{flag}: holds no state_dict of tensors (not a model checkpoint); {fix}")
+    return state
+
+
+def head_classes(state):
+    """How many classes the detection head of these tensors predicts (None when they have no such head):
+    Faster/Mask R-CNN's classifier has one row per class plus the background."""
+    for key, value in state.items():
+        if key.endswith("bbox_head.fc_cls.weight") and value.dim() == 2:
+            return int(value.shape[0]) - 1
+    return None
+
+
+def check_head(state, classes, flag, fix):
+    found = head_classes(state)
+    if found is not None and found != len(classes):
+        raise UserError(f"{flag}: its head predicts {found} classes but the label file lists {len(classes)}; {fix}")
+
+
+def load_weights(path, shown_as=None):
+    """Open a weights file someone hands us: tensors and plain data only (cvtk-job's weights, or an MMEngine
+    training checkpoint such as upstream cvtk's X.pth, whose extra state is allow-listed plain data)."""
+    flag = shown_as or path
+    fix = "pass the .pth written by cvtk-job train"
+    weights = _read(path, flag, fix)
     if not isinstance(weights, dict) or not isinstance(weights.get("state_dict"), dict):
-        raise UserError(f"{path}: holds no state_dict (not a model checkpoint); use the .pth written by "
-                        "cvtk-job train")
+        state_dict_of(weights, flag, fix)  # says what the file holds instead
+        raise UserError(f"{flag}: holds bare tensors without the model's metadata; {fix}")
+    state_dict_of(weights, flag, fix)
     if not isinstance(weights.get("meta", {}), dict):
         weights["meta"] = {}
     weights.setdefault("meta", {})
@@ -94,20 +135,11 @@ def check_resumable(path, task, classes):
     Three mistakes are common: the final weights file (no optimizer state), a checkpoint of the other
     task (a box-only model for a mask run or the reverse), and one trained on other classes.
     """
-    import torch
-
     flag = f"--resume {path}"
-    if not intact(path):
-        raise UserError(f"{flag}: not a readable torch checkpoint (truncated, or not a .pth file); use auto, "
-                        "none or an epoch_N.pth from the run's workspace")
-    allow_mmengine_checkpoints()
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{flag}: holds objects that are not plain data ({str(err).strip().splitlines()[0]}); "
-                        "use an epoch_N.pth written by cvtk-job train") from None
-    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    if not state or "optimizer" not in ckpt:
+    fix = "use auto, none or an epoch_N.pth from the run's workspace"
+    ckpt = _read(path, flag, fix)
+    state = state_dict_of(ckpt, flag, fix)
+    if "optimizer" not in ckpt:
         raise UserError(f"{flag}: holds weights only, not a training state (optimizer, epoch); to continue a run "
                         "use --resume auto or its workspace's epoch_N.pth, to start from these weights use "
                         "--pretrained")
@@ -120,3 +152,4 @@ def check_resumable(path, task, classes):
     if saved is not None and list(saved) != list(classes):
         raise UserError(f"{flag}: was trained on classes {list(saved)} but the label file lists {list(classes)}; "
                         "resume with the run's label file or start over with --resume none")
+    check_head(state, classes, flag, "resume with the run's label file or start over with --resume none")

@@ -10,6 +10,7 @@ from typing import List
 
 from . import coco
 from .errors import UserError
+from .names import short
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -49,51 +50,60 @@ def _from_folder(folder):
     return ImageSet(folder, refs, "folder")
 
 
-def list_entries(list_file):
-    """Image paths in a list file: first tab-separated column (cvtk's lists may carry more), no blanks."""
-    with open(list_file, encoding="utf-8") as fh:
-        entries = [line.split("\t")[0].strip() for line in fh]
-    return [e for e in entries if e and not e.startswith("#")]
+def list_entries(list_file, name=None):
+    """(line number, image path) of a list file: first tab-separated column (cvtk's lists may carry more),
+    no blanks or comments; UTF-8 with or without a byte-order mark, LF or CRLF."""
+    with open(list_file, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise UserError(f"{name or list_file}: line {line}: not UTF-8 text; save the list of images as UTF-8, "
+                        "one path per line") from None
+    entries = [(k, line.split("\t")[0].strip()) for k, line in enumerate(text.splitlines(), 1)]
+    return [(k, e) for k, e in entries if e and not e.startswith("#")]
 
 
-def _from_list(list_file):
+def _from_list(list_file, name, local):
     root = os.path.dirname(os.path.abspath(list_file))
     refs = []
-    for entry in list_entries(list_file):
-        path = os.path.normpath(entry if os.path.isabs(entry) else os.path.join(root, entry))
+    for line, entry in list_entries(list_file, name):
+        path = coco.image_path(entry, root, f"{name}: line {line}", local)
         refs.append(ImageRef(path, _relative(path, root)))
     return ImageSet(root, refs, "list")
 
 
-def _from_coco(json_path):
+def _from_coco(json_path, name, local):
     data = coco.read_json(json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise UserError(f"{json_path}: no 'images' list; give a COCO JSON, a folder, an image or a list file")
+        raise UserError(f"{name}: no 'images' list; give a COCO JSON, a folder, an image or a list file")
     root = os.path.dirname(os.path.abspath(json_path))
     refs = []
-    for img in data["images"]:
-        name = img.get("file_name") if isinstance(img, dict) else None
-        if not isinstance(name, str):
-            raise UserError(f"{json_path}: image id {img.get('id') if isinstance(img, dict) else '?'}: "
-                            "no file_name; every image needs one")
-        path = name if os.path.isabs(name) else os.path.join(root, name)
-        refs.append(ImageRef(os.path.normpath(path), _relative(os.path.normpath(path), root)))
+    for k, img in enumerate(data["images"]):
+        where = f"{name}: images[{k}]" + (f" (id {short(img.get('id'))})" if isinstance(img, dict) else "")
+        path = coco.image_path(img.get("file_name") if isinstance(img, dict) else None, root, where, local)
+        refs.append(ImageRef(path, _relative(path, root)))
     return ImageSet(root, refs, "coco")
 
 
-def collect(data):
-    """Resolve `--data`; raises UserError when it names nothing usable."""
+def collect(data, name=None, local=True):
+    """Resolve `--data`; raises UserError when it names nothing usable.
+
+    `name` is what messages call it (the s3:// URI a staged file came from); `local` is False for a list
+    or JSON from S3, whose entries must then stay inside its prefix (names.name_problem)."""
+    name = name or data
     if os.path.isdir(data):
         found = _from_folder(os.path.abspath(data))
     elif not os.path.isfile(data):
         raise UserError(f"--data {data}: no such file or folder")
     elif data.lower().endswith(".json"):
-        found = _from_coco(data)
+        found = _from_coco(data, name, local)
     elif is_image_name(data):
         path = os.path.abspath(data)
         found = ImageSet(os.path.dirname(path), [ImageRef(path, os.path.basename(path))], "image")
     else:
-        found = _from_list(data)
+        found = _from_list(data, name, local)
     if not found.images:
         raise UserError(f"--data {data}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return found

@@ -108,8 +108,16 @@ def _segmentation_problem(seg):
         size = seg.get("size")
         if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
             return "an RLE segmentation needs size [height, width]"
-        if not isinstance(seg.get("counts"), (str, list)):
+        counts = seg.get("counts")
+        if not isinstance(counts, (str, list)):
             return "an RLE segmentation needs counts (a string or a list)"
+        from .coco import rle_counts  # pycocotools' C decoder trusts its input: decode and size it first
+
+        runs = rle_counts(counts) if isinstance(counts, str) else counts
+        if runs is None or not all(_is_int(r) and r >= 0 for r in runs):
+            return "RLE counts do not decode (not COCO's run-length code)"
+        if sum(runs) != size[0] * size[1]:
+            return f"RLE counts cover {sum(runs)} pixels, not {size[0]}x{size[1]}"
         return None
     if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
                                              and all(_is_number(v) for v in p) for p in seg):

@@ -219,25 +219,54 @@ def _scale_schedule(schedulers, base_epochs, epochs, total_iters):
     return scaled
 
 
+def parse_lr(text):
+    """`--lr auto|FLOAT` → None (auto) or a positive finite rate."""
+    if text == "auto":
+        return None
+    try:
+        lr = float(text)
+    except ValueError:
+        raise UserError(f"--lr {text}: not a number; give e.g. --lr 0.005 or --lr auto") from None
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UserError(f"--lr {text}: the learning rate must be a positive number")
+    return lr
+
+
+def load_base(path):
+    """Read the base config (`--model`); a broken config file is one line, not a traceback. A file the user
+    names with --model is the user's own code and runs (it may inherit with `_base_`)."""
+    from mmengine.config import Config
+
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as err:  # noqa: BLE001 - whatever the user's config does wrong, say so in one line
+        detail = (str(err).strip().splitlines() or [""])[-1][:200]
+        raise UserError(f"--model {path}: cannot be read as an MMEngine config ({type(err).__name__}: {detail}); "
+                        "fix the file or pass a packaged name such as mask-rcnn_r50_fpn_1x_coco") from None
+    if not isinstance(cfg.get("model"), dict) or not cfg.get("train_dataloader"):
+        raise UserError(f"--model {path}: has no `model` and `train_dataloader`: not an MMDetection training "
+                        "config; inherit from one with _base_ = ['mmdet::...']")
+    return cfg
+
+
 def _learning_rate(opts, cfg):
-    if opts.lr == "auto":
+    lr = parse_lr(opts.lr)
+    if lr is None:
         cfg.auto_scale_lr = dict(enable=True, base_batch_size=BASE_BATCH_SIZE)
         return
-    try:
-        lr = float(opts.lr)
-    except ValueError:
-        raise UserError(f"--lr {opts.lr}: not a number; give e.g. --lr 0.005 or --lr auto") from None
-    if not lr > 0:
-        raise UserError(f"--lr {opts.lr}: the learning rate must be positive")
     cfg.optim_wrapper.optimizer.lr = lr
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=BASE_BATCH_SIZE)
 
 
-def build_config(opts, base_config_path: str, ctx: RunContext):
-    """Options + run context → the complete MMEngine config for training (and the test step)."""
-    from mmengine.config import Config, ConfigDict
+def build_config(opts, base_config, ctx: RunContext):
+    """Options + run context → the complete MMEngine config for training (and the test step).
 
-    cfg = Config.fromfile(base_config_path)
+    `base_config` is the path of the base config or the Config that `load_base` read (left unchanged)."""
+    import copy
+
+    from mmengine.config import ConfigDict
+
+    cfg = copy.deepcopy(base_config) if not isinstance(base_config, str) else load_base(base_config)
     classes, with_mask = list(ctx.classes), opts.task == "segm"
     _set_num_classes(cfg.model, len(classes))
     _drop_pretrained_init(cfg.model)

@@ -69,8 +69,9 @@ class TrainOptions:
                       "or a checkpoint path", "auto")
     time_limit: Optional[str] = opt("stop like on SIGTERM (checkpoint, exit 75) after this much wall time, "
                                     "e.g. 3h50m, to stay inside a scheduler's limit", None)
-    dry_run: bool = opt("check the arguments and print the plan as JSON, without reading data or training",
-                        False)
+    dry_run: bool = opt("check everything a run would (arguments, label file, model config, data staged and "
+                        "validated) and print the plan and the final MMEngine config as JSON; trains nothing, "
+                        "writes no outputs", False)
 
 
 @command_options

@@ -3,8 +3,10 @@
 import logging
 import os
 import urllib.parse
+from dataclasses import dataclass
+from typing import Optional
 
-from . import checkpoints, mmconfig
+from . import checkpoints, mmconfig, storage
 from .errors import StorageError, UserError
 
 log = logging.getLogger(__name__)
@@ -30,14 +32,67 @@ def shown(url):
         if parts.scheme else url
 
 
-def _fetch(url):
+@dataclass(frozen=True)
+class Source:
+    """Where the starting weights come from (decided from the arguments) and where they are read locally."""
+
+    path: str  # the local file the run reads (it exists once `fetch` returned)
+    url: Optional[str] = None  # downloaded from here first when `path` is missing
+    uri: Optional[str] = None  # an s3:// object staged to `path`
+
+
+def _from_url(url):
     name = os.path.basename(urllib.parse.urlparse(url).path)
     for folder in _search_dirs():
         candidate = os.path.join(folder, name)
         if os.path.isfile(candidate):
-            return candidate
-    target = os.path.join(cache_dir(), name)
-    os.makedirs(cache_dir(), exist_ok=True)
+            return Source(candidate)
+    return Source(os.path.join(cache_dir(), name), url=url)
+
+
+def locate(pretrained, base_config):
+    """`--pretrained` → a Source, or None for random init. Checks what can be checked without a download
+    (the model index knows the model, the local file or S3 object exists and is a torch archive)."""
+    if pretrained == "none":
+        return None
+    if pretrained == "auto":
+        url = mmconfig.checkpoint_url(base_config)
+        if url is None:
+            raise UserError(f"no COCO checkpoint is known for {os.path.basename(base_config)}; use "
+                            "--pretrained none or --pretrained PATH")
+        return _from_url(url)
+    if pretrained.startswith(("http://", "https://")):
+        return _from_url(pretrained)
+    if storage.is_s3(pretrained):
+        if not storage.exists(pretrained):
+            raise UserError(f"--pretrained {pretrained}: no such object; use auto, none, a path or a URL")
+        return Source(storage.cache_path(pretrained), uri=pretrained)
+    if not os.path.isfile(pretrained):
+        raise UserError(f"--pretrained {pretrained}: file not found; use auto, none, a path or a URL")
+    check_file(pretrained)
+    return Source(os.path.abspath(pretrained))
+
+
+def check_file(path, shown_as=None):
+    if not checkpoints.intact(path):
+        raise UserError(f"--pretrained {shown_as or path}: not a readable torch checkpoint (truncated, or not a "
+                        ".pth file); use auto, none, or another file")
+
+
+def fetch(source):
+    """Download (or stage from S3) what a Source names, once; returns the local path."""
+    if source is None:
+        return None
+    if source.uri:
+        check_file(storage.stage_file(source.uri), source.uri)
+        return source.path
+    if source.url and not os.path.isfile(source.path):
+        _download(source.url, source.path)
+    return source.path
+
+
+def _download(url, target):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     log.info("downloading %s to %s", shown(url), target)
     import torch
 
@@ -49,26 +104,6 @@ def _fetch(url):
         raise StorageError(f"could not download the pretrained checkpoint {shown(url)} ({reason}); use "
                            "--pretrained none for random init, or --pretrained PATH with a local "
                            "file") from None
-    return target
-
-
-def resolve(pretrained, base_config):
-    if pretrained == "none":
-        return None
-    if pretrained == "auto":
-        url = mmconfig.checkpoint_url(base_config)
-        if url is None:
-            raise UserError(f"no COCO checkpoint is known for {os.path.basename(base_config)}; use "
-                            "--pretrained none or --pretrained PATH")
-        return _fetch(url)
-    if pretrained.startswith(("http://", "https://")):
-        return _fetch(pretrained)
-    if not os.path.isfile(pretrained):
-        raise UserError(f"--pretrained {pretrained}: file not found; use auto, none, a path or a URL")
-    if not checkpoints.intact(pretrained):
-        raise UserError(f"--pretrained {pretrained}: not a readable torch checkpoint (truncated, or not a .pth "
-                        "file); use auto, none, or another file")
-    return os.path.abspath(pretrained)
 
 
 def _module_names(keys):
@@ -130,3 +165,8 @@ if __name__ == "__main__":
     import sys
 
     bake(sys.argv[1:], os.environ.get("CVTK_JOB_PRETRAINED_DIR", "."))
+
+
+def resolve(pretrained, base_config):
+    """`--pretrained` → a local checkpoint path (downloaded or staged when needed), or None."""
+    return fetch(locate(pretrained, base_config))

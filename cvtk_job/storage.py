@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+from . import names
 from .errors import StorageError, UserError
 
 log = logging.getLogger(__name__)
@@ -75,16 +76,22 @@ def node_lock():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _mirror(area, uri):
+    bucket, key = split(uri)
+    problem = names.key_problem(key)
+    if problem:
+        raise UserError(f"{uri}: {problem}; rename the object (or the prefix) without '..'")
+    return os.path.join(cache_root(), area, bucket, *key.split("/"))
+
+
 def cache_path(uri):
     """Where an object is cached locally: <cache>/s3/<bucket>/<key> (mirrors the bucket)."""
-    bucket, key = split(uri)
-    return os.path.join(cache_root(), "s3", bucket, *key.split("/"))
+    return _mirror("s3", uri)
 
 
 def staging_path(uri):
     """Where outputs bound for `uri` are written before they are uploaded."""
-    bucket, key = split(uri)
-    return os.path.join(cache_root(), "outputs", bucket, *key.split("/"))
+    return _mirror("outputs", uri)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +275,7 @@ def stage_file(uri):
     """A local path stays as it is; an s3:// object is cached locally (once) and its path returned."""
     if not is_s3(uri):
         return uri
+    cache_path(uri)  # a key that cannot be mirrored is refused before any request
     return stage_objects({uri: head(uri)}, what="file")[uri]
 
 
@@ -279,12 +287,11 @@ def stage_optional(uri):
 
 
 def safe_relative(name, where):
-    """A file name inside a prefix: refuse absolute names and `..` (they would escape the prefix)."""
-    normal = posixpath.normpath(name)
-    if name.startswith("/") or normal == ".." or normal.startswith("../"):
-        raise UserError(f"{where}: file_name {name!r} points outside the JSON's folder; on S3 every "
-                        "file_name must be relative to the JSON's prefix, without '..'")
-    return normal
+    """A file name inside a prefix (names.name_problem: no absolute names, no `..`)."""
+    problem = names.name_problem(name, local=False)
+    if problem:
+        raise UserError(f"{where}: {problem[0]}; {problem[1]}")
+    return posixpath.normpath(name)
 
 
 def stage_many(base_uri, names, where):
@@ -296,23 +303,6 @@ def stage_many(base_uri, names, where):
         raise UserError(f"{where}: {len(missing)} referenced file(s) not on S3, e.g. {missing[0]}; upload "
                         "them or fix the file names")
     return stage_objects({uri: listed[uri] for uri in wanted}, what="images")
-
-
-def stage_coco(uri):
-    """Stage a COCO JSON and every image it names; returns the local JSON path."""
-    local = stage_file(uri)
-    if not is_s3(uri):
-        return local
-    with open(local, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except ValueError:
-            return local  # validation reports the syntax error with line and column
-    names = [img.get("file_name") for img in data.get("images", []) if isinstance(img, dict)] \
-        if isinstance(data, dict) else []
-    names = [n for n in names if isinstance(n, str)]
-    stage_many(uri.rsplit("/", 1)[0], names, uri)
-    return local
 
 
 def stage_prefix(prefix_uri, keep):

@@ -133,14 +133,14 @@ def _stage_data(uri):
     if not storage.is_s3(uri):
         return uri
     if uri.lower().endswith(".json"):
-        return storage.stage_coco(uri)
+        return coco.stage_coco(uri)
     if images.is_image_name(uri):
         return storage.stage_file(uri)
     if uri.endswith("/") or not storage.exists(uri):
         return storage.stage_prefix(uri, keep=images.is_image_name)
     local = storage.stage_file(uri)  # a list file: stage what it names relative to its prefix
-    entries = images.list_entries(local)
-    storage.stage_many(uri.rsplit("/", 1)[0], [e for e in entries if not os.path.isabs(e)], uri)
+    entries = [entry for _, entry in images.list_entries(local, uri)]
+    storage.stage_many(uri.rsplit("/", 1)[0], entries, uri)  # refuses absolute entries and '..'
     return local
 
 
@@ -148,22 +148,63 @@ def _local(uri):
     return storage.stage_file(uri) if uri and storage.is_s3(uri) else uri
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What inference decided before any image is staged: a wrong label file, weights of other classes or
+    an --output that is a file cost no image transfer."""
+
+    labels: list
+    weights: dict  # the checkpoint, loaded as plain data
+    cfg: Any  # the model's config, read as data
+    task: str
+    categories: list
+
+
+def _check_output(output):
+    if not storage.is_s3(output) and os.path.exists(output) and not os.path.isdir(output):
+        raise UserError(f"--output {output}: is an existing file; give a folder for the drawn images and "
+                        "instances.json")
+
+
+def decide(opts):
+    from .. import checkpoints
+
+    _check_output(opts.output)
+    labels = coco.load_labels(storage.stage_file(opts.label))
+    config_path = _local(opts.model_config)
+    if config_path and not os.path.isfile(config_path):
+        raise UserError(f"--model_config {opts.model_config}: file not found; pass the config written beside "
+                        "the weights (X.py)")
+    weights = checkpoints.load_weights(_local(opts.model_weights), opts.model_weights)
+    meta = weights["meta"]
+    _check_classes(labels, meta, opts)
+    checkpoints.check_head(weights["state_dict"], labels, opts.model_weights,
+                           "use the label file of the training run")
+    with contextlib.redirect_stdout(sys.stderr):  # mmengine prints to stdout
+        cfg = _load_config(opts, config_path, meta)
+    categories = meta.get("categories") or [{"id": i, "name": n} for i, n in enumerate(labels)]
+    return Decision(labels, weights, cfg, _task(meta, weights["state_dict"]), categories)
+
+
+def _dry_run(opts, d, found):
+    plan = {"labels": d.labels, "task": d.task, "model": d.cfg.model.get("type"),
+            "config": "--model_config" if opts.model_config else "inside the weights",
+            "images": len(found.images), "input": found.kind, "first": [r.name for r in found.images[:5]],
+            "output": opts.output}
+    print(json.dumps({"command": "inference", "options": dataclasses.asdict(opts), "plan": plan}, indent=2))
+
+
 def run(opts):
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=launch.default_workers())
     _check(opts)
-    signals.install()  # SIGTERM/SIGUSR1: stop between batches, write nothing final, exit 75
-    if opts.dry_run:
-        print(json.dumps({"command": "inference", "options": dataclasses.asdict(opts)}, indent=2))
-        return
     with storage.node_lock():  # one stager per node; the other processes find everything cached
-        labels = coco.load_labels(storage.stage_file(opts.label))
-        found = images.collect(_stage_data(opts.data))
-        weights_path = _local(opts.model_weights)
-        config_path = _local(opts.model_config)
-    if config_path and not os.path.isfile(config_path):
-        raise UserError(f"--model_config {opts.model_config}: file not found; pass the config written beside "
-                        "the weights (X.py)")
+        d = decide(opts)
+        found = images.collect(_stage_data(opts.data), name=opts.data, local=not storage.is_s3(opts.data))
+    if opts.dry_run:
+        return _dry_run(opts, d, found)
+    signals.install()  # SIGTERM/SIGUSR1: stop between batches, write nothing final, exit 75
+    labels, weights, cfg, categories = d.labels, d.weights, d.cfg, d.categories
     output = storage.staging_path(opts.output) if storage.is_s3(opts.output) else opts.output
     device = launch.select_device(opts.device)
     # Joined before the model is built: on GPUs, joining sets this rank's device, so each rank's model lands
@@ -177,15 +218,9 @@ def run(opts):
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import init_default_scope
 
-    from .. import checkpoints, drawing
-
-    weights = checkpoints.load_weights(weights_path)
-    meta = weights.get("meta", {})
-    _check_classes(labels, meta, opts)
-    categories = meta.get("categories") or [{"id": i, "name": n} for i, n in enumerate(labels)]
+    from .. import drawing
 
     with contextlib.redirect_stdout(sys.stderr):  # mmengine/mmdet print to stdout
-        cfg = _load_config(opts, config_path, meta)
         mmconfig.raise_score_threshold(cfg.model, opts.score_threshold)
         init_default_scope("mmdet")
         from mmdet.registry import MODELS
@@ -195,7 +230,7 @@ def run(opts):
         model = MODELS.build(cfg.model)
         _load_state(model, weights, opts)
         model.to(device).eval()
-    with_mask = _task(meta, weights["state_dict"]) == "segm"
+    with_mask = d.task == "segm"
 
     # Several processes (torchrun, srun): each takes every world_size-th image and writes its own part.
     shard = list(range(where.rank, len(found.images), where.world_size))

@@ -18,19 +18,35 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Everything decided before torch is imported (so user errors stay fast and cheap)."""
+class Decision:
+    """Everything decided from the arguments and the small files (label file, model config, resume
+    checkpoint), before any dataset or pretrained checkpoint is downloaded: a mistake there costs no
+    transfer and writes nothing."""
 
     outputs: artifacts.TrainOutputs
     remote: Optional[artifacts.TrainOutputs]
     labels: list
-    data: mmconfig.DataFiles
-    num_train_images: int
-    categories: list
+    splits: tuple  # ((role, uri), ...) of the COCO files given
     base_config: str
     resume: bool
     resume_from: Optional[str]  # None with resume: the workspace's latest checkpoint
-    pretrained: Optional[str]  # weights to start from when not resuming (--pretrained, local), or None
+    pretrained: Optional[pretrained.Source]  # weights to start from when not resuming, or None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decision plus the staged, validated data: what the config is built from."""
+
+    decision: Decision
+    data: mmconfig.DataFiles
+    num_train_images: int
+    categories: list
+    pretrained: Optional[str]  # the local file of decision.pretrained, present
+
+    def __getattr__(self, name):  # the decision's fields read as the plan's
+        if name == "decision":
+            raise AttributeError(name)
+        return getattr(self.decision, name)
 
 
 def _check_numbers(opts):
@@ -43,6 +59,9 @@ def _check_numbers(opts):
     if opts.image_size and min(opts.image_size) < 32:
         raise UserError(f"--image_size {opts.image_size[0]} {opts.image_size[1]}: both sides must be "
                         "at least 32 pixels")
+    mmconfig.parse_lr(opts.lr)
+    if opts.time_limit:
+        signals.parse_duration(opts.time_limit)
 
 
 def _annotated_images(data):
@@ -55,30 +74,64 @@ def _outputs(opts):
     if storage.is_s3(opts.output_weights):
         remote = artifacts.TrainOutputs.from_weights(opts.output_weights)
         return artifacts.TrainOutputs(storage.staging_path(remote.prefix)), remote
+    if os.path.isdir(opts.output_weights):
+        raise UserError(f"--output_weights {opts.output_weights}: is a folder; name the weights file, e.g. "
+                        f"{os.path.join(opts.output_weights, 'model.pth')}")
     return artifacts.TrainOutputs.from_weights(opts.output_weights), None
 
 
-def plan(opts):
+def _check_exists(role, uri):
+    found = storage.exists(uri) if storage.is_s3(uri) else os.path.isfile(uri)
+    if not found:
+        raise UserError(f"--{role} {uri}: file not found; pass the COCO JSON of the {role} images")
+
+
+def decide(opts):
+    """Arguments → Decision, downloading only the label file (and, for --resume, the checkpoint)."""
     _check_numbers(opts)
     outputs, remote = _outputs(opts)
-    labels = coco.load_labels(storage.stage_file(opts.label))
-    given = [(role, uri) for role, uri in (("train", opts.train), ("valid", opts.valid), ("test", opts.test)) if uri]
-    splits = [(role, storage.stage_coco(uri)) for role, uri in given]
-    reports = check(splits, labels=labels, task=opts.task,
-                    names={local: uri for (_, local), (_, uri) in zip(splits, given, strict=True)})
-    num_train = _annotated_images(reports[0].data)
-    if num_train == 0:
-        raise UserError(f"{opts.train}: no image has an annotation; training needs annotated images")
-    categories = [{"id": c["id"], "name": c["name"]} for c in sorted(reports[0].data["categories"],
-                                                                      key=lambda c: c["id"])]
     base_config = mmconfig.resolve_model(opts.model, opts.task)
+    labels = coco.load_labels(storage.stage_file(opts.label))
+    splits = tuple((role, uri) for role, uri in (("train", opts.train), ("valid", opts.valid), ("test", opts.test))
+                   if uri)
+    for role, uri in splits:
+        _check_exists(role, uri)
+    mmconfig.load_base(base_config)  # a broken --model fails here, before any dataset is downloaded
     resume, resume_from = resume_mod.resume_point(opts.resume, opts.task, outputs, remote, labels)
-    # Resolved (and downloaded) here, so a missing file or a failed download leaves no outputs behind.
-    start_from = None if resume else pretrained.resolve(storage.stage_file(opts.pretrained), base_config)
-    local = dict(splits)
+    source = None if resume else pretrained.locate(opts.pretrained, base_config)
+    return Decision(outputs, remote, labels, splits, base_config, resume, resume_from, source)
+
+
+def stage(d, task, fetch_pretrained=True):
+    """Decision → Plan: download and validate the datasets, then the pretrained checkpoint (a dry run
+    leaves that download to the real run: the config names the path either way)."""
+    local = {role: coco.stage_coco(uri) for role, uri in d.splits}
+    reports = check([(role, local[role]) for role, _ in d.splits], labels=d.labels, task=task,
+                    names={local[role]: uri for role, uri in d.splits})
+    train = reports[0].data
+    num_train = _annotated_images(train)
+    if num_train == 0:
+        raise UserError(f"{d.splits[0][1]}: no image has an annotation; training needs annotated images")
+    categories = [{"id": c["id"], "name": c["name"]} for c in sorted(train["categories"], key=lambda c: c["id"])]
     data = mmconfig.DataFiles(*(os.path.abspath(local[r]) if r in local else None
                                 for r in ("train", "valid", "test")))
-    return Plan(outputs, remote, labels, data, num_train, categories, base_config, resume, resume_from, start_from)
+    start = pretrained.fetch(d.pretrained) if fetch_pretrained else (d.pretrained.path if d.pretrained else None)
+    return Plan(d, data, num_train, categories, start)
+
+
+def plan(opts):
+    return stage(decide(opts), opts.task)
+
+
+def config(opts, p, where, device):
+    """The complete MMEngine config of this run (a pure function of the plan)."""
+    ctx = mmconfig.RunContext(
+        classes=p.labels, data=p.data, work_dir=os.path.abspath(p.outputs.workspace),
+        output_prefix=os.path.abspath(p.outputs.prefix), num_train_images=p.num_train_images,
+        device=device, load_from=p.resume_from, resume=p.resume, pretrained=p.pretrained,
+        world_size=where.world_size, launcher="pytorch" if where.distributed else "none",
+        remote_prefix=p.remote.prefix if p.remote else None)
+    return mmconfig.build_config(opts, p.base_config, ctx)
 
 
 def _test_stats(p, task):
@@ -95,16 +148,18 @@ def _test_stats(p, task):
 def run(opts):
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=launch.default_workers())
-    signals.install(signals.parse_duration(opts.time_limit) if opts.time_limit else None)
     where = launch.detect()
-    if opts.dry_run:
-        return _dry_run(opts, where)
     with storage.node_lock():  # the other processes of this job on this node wait, then find it cached
-        p = plan(opts)
+        d = decide(opts)
+        p = stage(d, opts.task, fetch_pretrained=not opts.dry_run)
     device = launch.select_device(opts.device)
+    cfg = config(opts, p, where, device)
+    if opts.dry_run:
+        return _dry_run(opts, p, where, device, cfg)
+    signals.install(signals.parse_duration(opts.time_limit) if opts.time_limit else None)
     # From here on the run has started: a failure leaves a record. Before, nothing was written at all.
     try:
-        _train(opts, p, where, device)
+        _train(opts, p, where, device, cfg)
     except BaseException as err:
         if where.is_main:
             _record_failure(p, err)
@@ -127,7 +182,7 @@ def _record_failure(p, err):
         log.warning("could not write the failure record: %s", write_err)
 
 
-def _train(opts, p, where, device):
+def _train(opts, p, where, device, cfg):
     if p.resume:
         log.info("resuming from %s", p.resume_from or f"the latest checkpoint in {p.outputs.workspace}")
     if opts.amp and device != "cuda":
@@ -136,13 +191,6 @@ def _train(opts, p, where, device):
     from .. import mmhooks  # noqa: F401 - registers our hooks and metric
 
     checkpoints.allow_mmengine_checkpoints()
-    ctx = mmconfig.RunContext(
-        classes=p.labels, data=p.data, work_dir=os.path.abspath(p.outputs.workspace),
-        output_prefix=os.path.abspath(p.outputs.prefix), num_train_images=p.num_train_images,
-        device=device, load_from=p.resume_from, resume=p.resume, pretrained=p.pretrained, world_size=where.world_size,
-        launcher="pytorch" if where.distributed else "none",
-        remote_prefix=p.remote.prefix if p.remote else None)
-    cfg = mmconfig.build_config(opts, p.base_config, ctx)
     launch.init_distributed(where, device)
     if where.distributed:
         log.info("distributed: rank %d of %d (%s, master %s:%d)", where.rank, where.world_size, where.kind,
@@ -177,17 +225,19 @@ def _train(opts, p, where, device):
              p.remote.weights if p.remote else p.outputs.weights)
 
 
-def _dry_run(opts, where):
-    """Check the arguments and print the plan as JSON; touches no data, builds no model."""
+def _dry_run(opts, p, where, device, cfg):
+    """Print the plan and the final MMEngine config as JSON: everything a run with the same arguments would
+    use (the data is staged and validated, the config built), without building a model or writing outputs."""
     import json
 
-    _check_numbers(opts)
-    base_config = mmconfig.resolve_model(opts.model, opts.task)
-    outputs = artifacts.TrainOutputs.from_weights(opts.output_weights)
-    print(json.dumps({"command": "train", "options": dataclasses.asdict(opts), "model_config": base_config,
-                      "launch": dataclasses.asdict(where), "outputs": {"weights": outputs.weights,
-                                                                        "workspace": outputs.workspace}},
-                     indent=2))
+    plan_ = {"model_config": p.base_config, "labels": list(p.labels), "data": dataclasses.asdict(p.data),
+             "num_train_images": p.num_train_images, "resume": p.resume, "resume_from": p.resume_from,
+             "pretrained": pretrained.shown(p.decision.pretrained.url or p.decision.pretrained.uri or p.pretrained)
+             if p.decision.pretrained else None,
+             "device": device, "outputs": {"weights": (p.remote or p.outputs).weights,
+                                          "workspace": (p.remote or p.outputs).workspace}}
+    print(json.dumps({"command": "train", "options": dataclasses.asdict(opts), "launch": dataclasses.asdict(where),
+                      "plan": plan_, "config": cfg.to_dict()}, indent=2, default=str))
 
 
 def _finish(p, written):

@@ -21,7 +21,8 @@ def check(files, labels=None, task=None, names=None):
     `names` maps a staged local path to the name the user gave (an s3:// URI), for the messages.
     """
     names = names or {}
-    reports = [coco.validate_coco(path, labels=labels, task=task, name=names.get(path)) for _, path in files]
+    reports = [coco.validate_coco(path, labels=labels, task=task, name=names.get(path),
+                                  local=not names.get(path, "").startswith("s3://")) for _, path in files]
     for report in reports:
         for warning in report.warnings:
             log.warning("%s", warning)

@@ -145,7 +145,7 @@ def _other_labels(tmp_path):
 # error line's expected text)
 BAD_INPUT = [
     ("missing train file", "train", lambda d, t, r: {"--train": t / "nowhere.json"}, 2,
-     "file not found; check the path"),
+     "nowhere.json: file not found; pass the COCO JSON of the train images"),
     ("unknown model", "train", lambda d, t, r: {"--model": "mask-rcnn_r50_fpn_1x_cocoo"}, 2,
      "--model mask-rcnn_r50_fpn_1x_cocoo: no such config in mmdet; did you mean mask-rcnn_r50_fpn_1x_coco,"),
     ("bad image size", "train", lambda d, t, r: {"--image_size": ["16", "16"]}, 2,

@@ -117,7 +117,7 @@ def test_file_name_escaping_the_prefix_is_refused(s3_server, bucket, tmp_path):
     args[args.index("--train") + 1] = f"s3://{bucket}/strawberry/bad.json"
     result = run_cli(*args, env=env_for(s3_server, tmp_path))
     assert result.returncode == 2
-    assert "file_name '../../secret.jpg' points outside the JSON's folder" in result.stderr
+    assert "'../../secret.jpg' climbs out of the file's folder with '..'" in result.stderr
 
 
 def test_dataset_errors_name_the_s3_object_not_the_local_cache(s3_server, bucket, tmp_path):

@@ -32,7 +32,7 @@ BROKEN = {
                              "32x24 image; clip the box to the image",
     "bad_bbox_no_area.json": "annotation id 1 (images/a.jpg): bbox [2, 2, 0, 8] has no area (width and "
                              "height must be positive); fix or delete the annotation",
-    "bad_no_area.json": "annotation id 1 (images/a.jpg): area is missing or not a number; set area "
+    "bad_no_area.json": "annotation id 1 (images/a.jpg): area is missing or not a finite number; set area "
                         "(mask pixel count, or box width*height)",
     "bad_polygon_two_points.json": "annotation id 1 (images/a.jpg): segmentation polygon 0 has 2 "
                                    "point(s); a polygon needs at least 3 points; delete or redraw it",
