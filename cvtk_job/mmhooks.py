@@ -239,3 +239,26 @@ class CvtkCocoDetections(BaseMetric):
         artifacts.write_json(self.output_file, {"images": images, "categories": categories,
                                                 "annotations": annotations})
         return {"detections": len(annotations)}
+
+
+def use_parsed_coco():
+    """Let mmdet's CocoDataset take the COCO files this process has already parsed and validated (coco.
+    keep_parsed) instead of reading them again. CocoDataset builds its index through the class attribute
+    `COCOAPI`, meant for substitution; a file not kept here (or changed since) is read as mmdet would."""
+    from mmdet.datasets import CocoDataset
+    from mmdet.datasets.api_wrappers import COCO
+
+    from . import coco
+
+    class ParsedCOCO(COCO):
+        def __init__(self, annotation_file=None):
+            data = coco.take_parsed(annotation_file) if annotation_file else None
+            if data is None:
+                super().__init__(annotation_file)
+                return
+            super().__init__(None)
+            self.dataset = data
+            self.createIndex()
+            self.img_ann_map, self.cat_img_map = self.imgToAnns, self.catToImgs  # mmdet's aliases
+
+    CocoDataset.COCOAPI = ParsedCOCO

@@ -108,6 +108,8 @@ def stage(d, task, fetch_pretrained=True):
     local = {role: coco.stage_coco(uri) for role, uri in d.splits}
     reports = check([(role, local[role]) for role, _ in d.splits], labels=d.labels, task=task,
                     names={local[role]: uri for role, uri in d.splits})
+    for (role, _), report in zip(d.splits, reports, strict=True):
+        coco.keep_parsed(local[role], report.data)
     train = reports[0].data
     num_train = _annotated_images(train)
     if num_train == 0:
@@ -188,7 +190,9 @@ def _train(opts, p, where, device, cfg):
     if opts.amp and device != "cuda":
         log.warning("--amp needs CUDA; training in full precision on CPU")
 
-    from .. import mmhooks  # noqa: F401 - registers our hooks and metric
+    from .. import mmhooks  # registers our hooks and metric
+
+    mmhooks.use_parsed_coco()
 
     checkpoints.allow_mmengine_checkpoints()
     launch.init_distributed(where, device)

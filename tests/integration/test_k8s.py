@@ -110,11 +110,26 @@ def test_container_arguments_parse_with_the_real_cli(folder):
                        if k in ("label", "train", "data", "model_weights", "output", "output_weights"))
 
 
-def test_the_example_dry_run_prints_a_plan(cli):
+def test_the_example_dry_run_prints_a_plan(cli, s3_server, small_data, tmp_path):
+    """The example's exact command line, against a real S3 server holding the data at the keys it names:
+    the plan stages and validates it, and decides the COCO checkpoint (which the dry run does not fetch)."""
+    import json
+
     job = next(d for d in render(REPO / "k8s" / "overlays" / "example") if d["metadata"]["name"] == "cvtk-train")
-    result = cli(*cli_args(job["spec"]["template"]["spec"]["containers"][0]), "--dry_run")
+    args = cli_args(job["spec"]["template"]["spec"]["containers"][0])
+    bucket = args[args.index("--label") + 1].split("/")[2]
+    s3_server.client().create_bucket(Bucket=bucket)
+    s3_server.upload_tree(small_data, bucket, "strawberry")
+    result = cli(*args, "--dry_run", env={**s3_server.env(), "CVTK_JOB_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
-    assert '"output_weights": "s3://plant-lab/runs/2026-11/strawberry.pth"' in result.stdout
+    out = json.loads(result.stdout)
+    assert out["options"]["output_weights"] == "s3://plant-lab/runs/2026-11/strawberry.pth"
+    assert out["plan"]["outputs"]["weights"] == "s3://plant-lab/runs/2026-11/strawberry.pth"
+    assert out["plan"]["pretrained"].endswith("/mask_rcnn_r101_fpn_1x_coco_20200204-1efe0ed5.pth")
+    assert out["config"]["train_cfg"]["max_epochs"] == 24
+    assert out["config"]["train_dataloader"]["batch_size"] == 4
+    assert s3_server.keys(bucket, "runs/") == []  # nothing written
+    assert not (tmp_path / "cache" / "checkpoints").exists()  # the 250 MB checkpoint is left to the run
 
 
 def _broken(mutate, name="cvtk-train-multinode"):

@@ -107,3 +107,17 @@ def test_shipped_sample_is_valid_for_both_tasks():
         assert [line.split("\t")[:2] for line in result.stdout.splitlines()] == [
             ["ok", "train"], ["ok", "valid"], ["ok", "test"]]
         assert "images=60\t" in result.stdout
+
+
+def test_headers_read_by_worker_processes_report_the_same_problems(monkeypatch):
+    """Large datasets read image headers in worker processes: the same lines, in the same order."""
+    from cvtk_job import coco
+
+    files = [V / name for name in ("bad_image_missing.json", "bad_image_unreadable.json", "bad_image_size.json",
+                                   "ok.json")]
+    serial = [[str(p) for p in coco.validate_coco(str(f)).problems] for f in files]
+    monkeypatch.setattr(coco, "PARALLEL_HEADERS", 1)
+    monkeypatch.setattr(coco, "HEADER_CHUNK", 1)
+    parallel = [[str(p) for p in coco.validate_coco(str(f)).problems] for f in files]
+    assert parallel == serial
+    assert sum(len(p) for p in serial) >= 3
