@@ -307,6 +307,73 @@ def bench_coco_scale():
            theirs["peak_rss_mib"] / 1024, "GiB", ratio, "<= 1.3", ratio <= 1.3, "same runs; peak RSS of each process")
 
 
+def bench_train_start():
+    """`train` from command start to the first training progress line, on the lab-scale COCO file, vs a bare
+    MMEngine Runner on the same config (the one our Runner dumped, less our hooks and worker_init_fn; no
+    val/test). Also the same less the logged iterations' own time: the start-up alone."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import coco_scale
+    import train_start
+
+    n_images = int(os.environ.get("BENCH_COCO_IMAGES", coco_scale.IMAGES))
+    n_annotations = int(os.environ.get("BENCH_COCO_ANNOTATIONS", coco_scale.ANNOTATIONS))
+    path = coco_scale.generate(WORK / f"coco_{n_images}_{n_annotations}", n_images, n_annotations)  # cached
+    out = WORK / "train_start"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    label = out / "label.txt"
+    label.write_text("\n".join(coco_scale.CATEGORIES) + "\n")  # the dataset's names in category-id order
+    config = out / "config.py"
+
+    def ours():
+        shutil.rmtree(out / "ours", ignore_errors=True)
+        seconds = train_start.first_iteration(
+            [*CLI, "train", "--label", label, "--train", path, "--output_weights", out / "ours" / "x.pth",
+             "--model", REPO / "examples" / "configs" / "tiny_faster_rcnn.py", "--task", "det",
+             "--pretrained", "none", "--epoch", "1", "--device", "cpu", "--num_workers", "1",
+             "--image_size", "64", "64"])
+        if not config.exists():  # the config our Runner dumped into its work_dir: what the baseline runs
+            shutil.copy(out / "ours" / "x" / "tiny_faster_rcnn.py", config)
+        return seconds
+
+    def bare():
+        with tempfile.TemporaryDirectory(dir=out) as work_dir:
+            return train_start.first_iteration([PY, REPO / "bench" / "bare_runner.py", config, work_dir],
+                                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+    runs = {"ours": [], "bare": []}
+    for _ in range(2):  # interleaved, so a busy moment on the machine hits both sides alike
+        runs["ours"].append(ours())
+        runs["bare"].append(bare())
+    # Each run: (seconds to the first progress line, seconds before the epoch loop began).
+    runs = {side: [(s, s - train_start.iterations_time(line)) for s, line in got] for side, got in runs.items()}
+    cfg = _config(config)
+    interval = cfg.default_hooks.logger.interval
+    what = (f"{n_images:,} images, {n_annotations:,} polygons, tiny Faster R-CNN at 64x64, batch "
+            f"{cfg.train_dataloader.batch_size}, CPU, 1 loader "
+            f"worker; baseline = bench/bare_runner.py on the config our Runner dumped; min of 2 runs each, "
+            f"interleaved")
+    for k, (name, upto) in enumerate((
+            (f"train start to first progress line (iteration {interval}) vs bare Runner",
+             f"up to the line MMEngine logs after iteration {interval}, the same iterations on both sides"),
+            ("train start to epoch loop vs bare Runner",
+             f"the same, less the {interval} iterations' own time (MMEngine's `time` x {interval}): imports, "
+             f"validation, model and dataset build"))):
+        ours_s, bare_s = ([r[k] for r in runs[side]] for side in ("ours", "bare"))
+        ratio = min(ours_s) / min(bare_s)
+        report(name, min(ours_s), min(bare_s), "s", ratio, "<= 1.2", ratio <= 1.2,
+               f"{what}; {upto}; runs: ours {', '.join(f'{s:.1f}' for s in ours_s)} s, bare "
+               f"{', '.join(f'{s:.1f}' for s in bare_s)} s")
+
+
+def _config(path):
+    from mmengine.config import Config
+
+    return Config.fromfile(str(path))
+
+
 def machine():
     import torch
 
@@ -337,6 +404,7 @@ ONLY = {
     "s3_staging": bench_s3_staging,
     "evaluate": bench_evaluate,
     "coco_scale": bench_coco_scale,
+    "train_start": bench_train_start,
 }
 
 
@@ -367,6 +435,7 @@ def main():
     bench_s3_staging()
     bench_evaluate()
     bench_coco_scale()
+    bench_train_start()
     bench_gpu()
     write_table(REPO / "docs" / "benchmarks.md", "make bench")
 
