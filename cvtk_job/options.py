@@ -89,7 +89,8 @@ class InferenceOptions:
     score_threshold: float = opt("keep detections scoring at least this", 0.5)
     device: Device = opt("where to run", "auto")
     no_draw: bool = opt("write instances.json only, no drawn images", False)
-    dry_run: bool = opt("check the arguments and print the plan as JSON, without reading data", False)
+    dry_run: bool = opt("check everything a run would (label file, weights, config, images staged) and print "
+                        "the plan as JSON; predicts nothing, writes no outputs", False)
 
 
 @command_options

@@ -4,12 +4,18 @@ import logging
 import os
 
 from .. import artifacts, coco, metrics, storage
-from ..errors import DatasetError
+from ..errors import DatasetError, UserError
 
 log = logging.getLogger(__name__)
 
 
 def run(opts):
+    if not storage.is_s3(opts.output) and os.path.isdir(opts.output):
+        raise UserError(f"--output {opts.output}: is a folder; name the stats file, e.g. "
+                        f"{os.path.join(opts.output, 'test_stats.json')}")
+    for flag, path in (("--gt", opts.gt), ("--pred", opts.pred)):
+        if not storage.is_s3(path) and not os.path.isfile(path):
+            raise UserError(f"{flag} {path}: file not found")
     report = coco.validate_coco(storage.stage_file(opts.gt), check_images=False, name=opts.gt)
     if report.errors:
         raise DatasetError([str(p) for p in report.errors])

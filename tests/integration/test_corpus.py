@@ -217,11 +217,18 @@ LOCAL = [
     # evaluate
     ("predictions without image_id", False, lambda c: _evaluate(c, [{"category_id": 0, "bbox": [1, 1, 2, 2],
                                                                     "score": 0.5}]), "image_id must be an integer"),
+    ("evaluate --output is a folder", False, lambda c: [*_evaluate(c, [])[:-4], "--output", _mkdir(c.out)],
+     "out: is a folder; name the stats file"),
     ("predicted RLE does not decode", False, lambda c: _evaluate(c, [{"image_id": 1, "category_id": 0, "score": 0.5,
                                                                       "bbox": [1, 1, 2, 2], "segmentation": {
                                                                           "size": [4, 4], "counts": "~~"}}], "segm"),
      "RLE counts do not decode"),
 ]
+
+
+def _mkdir(path):
+    path.mkdir(parents=True)
+    return path
 
 
 def _tensor_pth(c):

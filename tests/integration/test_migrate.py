@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_MODELS, run_cli
+from tests.conftest import REPO, SPEED, TINY_MODELS, run_cli
 
 pytestmark = pytest.mark.slow
 CLASSES = ("flower", "green_fruit", "red_fruit")
@@ -173,6 +173,39 @@ def test_no_config_is_ever_executed(small_data, trained_segm, tmp_path):
         assert not out.exists()
 
 
+def test_train_never_runs_the_config_inside_resume_or_pretrained_weights(small_data, trained_segm, tmp_path):
+    """`--resume` and `--pretrained` read tensors (and classes) from a checkpoint, never its config: weights
+    whose config (cvtk-job's `config`, MMEngine's `meta.cfg`) carries code train without running it."""
+    import torch
+
+    from cvtk_job import checkpoints
+
+    checkpoints.allow_mmengine_checkpoints()
+    marker = tmp_path / "PWNED"
+
+    def poisoned(src, dst):
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+        ckpt.setdefault("meta", {}).update(config=EVIL.format(marker=marker), cfg=EVIL.format(marker=marker))
+        torch.save(ckpt, dst)
+        return dst
+
+    state = poisoned(trained_segm.parent / "strawberry" / "epoch_1.pth", tmp_path / "epoch_1.pth")
+    weights = poisoned(trained_segm, tmp_path / "weights.pth")
+    common = ["--label", small_data / "label.txt", "--train", small_data / "train" / "segm.json", *SPEED,
+              "--model", TINY_MODELS["segm"]]
+    runs = {}
+    for name, extra in (("resumed", ["--resume", state, "--epoch", "2"]),
+                        ("started", ["--pretrained", weights, "--epoch", "1"])):  # after SPEED's: the last wins
+        out = tmp_path / name / "strawberry.pth"
+        runs[name] = run_cli("train", *common, *extra, "--output_weights", out)
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+        assert not marker.exists(), name
+    assert f"resuming from {state}" in runs["resumed"].stderr
+    rows = (tmp_path / "resumed" / "strawberry.train_stats.train.txt").read_text().splitlines()[1:]
+    assert [r.split("\t")[0] for r in rows] == ["2"]  # continued from the poisoned state's epoch 1
+    assert "pretrained weights.pth: loaded" in runs["started"].stderr
+
+
 def test_repo_has_no_other_config_executors():
     """Only mmconfig (train --model, the user's own config) may call Config.fromfile/fromstring."""
     hits = []
@@ -252,7 +285,7 @@ def test_evaluate_scoreless_cvtk_predictions_as_pycocotools_does(small_data, tra
     (lambda p: p["annotations"].append(7), "annotations[2]: is not an object"),
 ])
 def test_evaluate_refuses_malformed_predictions_in_one_line(small_data, tmp_path, change, message):
-    seg = {"size": [10, 10], "counts": "PPYo0"}
+    seg = {"size": [10, 10], "counts": "f0550000000l0"}
     pred = {"images": [{"id": 1, "file_name": "x.jpg"}], "categories": [{"id": 1, "name": "flower"}],
             "annotations": [{"id": i, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "segmentation": seg}
                             for i in (1, 2)]}

@@ -22,9 +22,9 @@ def job_env(tmp_path):
 
 def submit(slurm, tmp_path, script, *args, sbatch=(), wait=True, env=None):
     """sbatch exports the submitting environment to the job: the job's settings go in that environment."""
-    cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *SMALL, *sbatch, *(["--wait"] if wait else []),
-           SLURM / script, *args]
-    return slurm.run(*cmd, timeout=900, env={**job_env(tmp_path), **(env or {})})
+    cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *SMALL, *sbatch, SLURM / script, *args]
+    env = {**job_env(tmp_path), **(env or {})}
+    return slurm.sbatch_wait(*cmd, env=env) if wait else slurm.run(*cmd, timeout=900, env=env)
 
 
 def train_args(data, out, *extra):

@@ -48,9 +48,8 @@ def node_python(tmp_path):
 
 def submit(slurm, tmp_path, s3, script, *args, wait=True):
     env = {**s3.env(), "CVTK_RUNTIME": "none", "CVTK_PYTHON": str(node_python(tmp_path)), "PYTHONPATH": str(REPO)}
-    cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *PER_NODE, *(["--wait"] if wait else []),
-           SLURM / script, *map(str, args)]
-    result = slurm.run(*cmd, timeout=900, env=env)
+    cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *PER_NODE, SLURM / script, *map(str, args)]
+    result = slurm.sbatch_wait(*cmd, env=env) if wait else slurm.run(*cmd, timeout=900, env=env)
     return result, result.stdout.strip().split(";")[0]
 
 

@@ -7,7 +7,24 @@ import pytest
 
 from tests.conftest import REPO, SAMPLE, run_cli
 
-SUBCOMMANDS = ["train", "inference", "evaluate", "validate", "doctor"]
+SUBCOMMANDS = ["train", "inference", "evaluate", "validate", "doctor", "create"]
+# What each subcommand requires (validate and doctor need nothing).
+REQUIRED = {"train": "--label, --train, --output_weights", "inference": "--label, --data, --model_weights",
+            "evaluate": "--gt, --pred, --output", "create": "--script"}
+
+
+def test_the_list_is_the_cli_s():
+    from cvtk_job.cli import COMMANDS
+
+    assert sorted(COMMANDS) == sorted(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_missing_required_arguments_exit_2_naming_them(name):
+    result = run_cli(name)
+    assert result.returncode == 2
+    assert f"the following arguments are required: {REQUIRED[name]}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_top_level_help_lists_every_subcommand():
@@ -58,7 +75,8 @@ def _modules_after(argv):
 
 
 @pytest.mark.parametrize("argv", [
-    ["--help"], ["train", "--help"], ["train", "--label", "x"],
+    ["--help"], *[[name, "--help"] for name in SUBCOMMANDS], ["train", "--label", "x"], ["inference"],
+    ["evaluate"], ["create"],
     ["validate", "--label", str(SAMPLE / "label.txt"), str(SAMPLE / "train" / "segm.json")],
 ])
 def test_help_validate_and_argument_errors_never_import_heavy_libraries(argv):
