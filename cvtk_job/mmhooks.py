@@ -17,6 +17,7 @@ from mmengine.dist import is_main_process
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.registry import FUNCTIONS, HOOKS, METRICS
+from mmengine.runner import Runner
 
 from . import artifacts, predictions
 
@@ -262,3 +263,19 @@ def use_parsed_coco():
             self.img_ann_map, self.cat_img_map = self.imgToAnns, self.catToImgs  # mmdet's aliases
 
     CocoDataset.COCOAPI = ParsedCOCO
+
+
+class CvtkRunner(Runner):
+    """MMEngine's Runner, except that a checkpoint's `meta.config` is never executed.
+
+    `Runner.resume` executes `checkpoint["meta"]["config"]` as a Python config (to compare GPU counts): a
+    `--resume` file from someone else, whose `config` string holds code, would run that code. The key is
+    dropped from the loaded checkpoint; cvtk-job and MMEngine write the config as `cfg`, which MMEngine
+    does not execute. (Without it, test_migrate's poisoned --resume checkpoint ran its code.)"""
+
+    def load_checkpoint(self, *args, **kwargs):
+        checkpoint = super().load_checkpoint(*args, **kwargs)
+        meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+        if isinstance(meta, dict):
+            meta.pop("config", None)
+        return checkpoint

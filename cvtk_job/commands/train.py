@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .. import artifacts, checkpoints, coco, launch, mmconfig, pretrained, signals, storage
 from .. import resume as resume_mod
@@ -28,6 +28,7 @@ class Decision:
     labels: list
     splits: tuple  # ((role, uri), ...) of the COCO files given
     base_config: str
+    base_cfg: Any  # the config read from base_config (a user's --model file runs once, here)
     resume: bool
     resume_from: Optional[str]  # None with resume: the workspace's latest checkpoint
     pretrained: Optional[pretrained.Source]  # weights to start from when not resuming, or None
@@ -96,10 +97,10 @@ def decide(opts):
                    if uri)
     for role, uri in splits:
         _check_exists(role, uri)
-    mmconfig.load_base(base_config)  # a broken --model fails here, before any dataset is downloaded
+    base_cfg = mmconfig.load_base(base_config)  # a broken --model fails here, before any dataset is downloaded
     resume, resume_from = resume_mod.resume_point(opts.resume, opts.task, outputs, remote, labels)
     source = None if resume else pretrained.locate(opts.pretrained, base_config)
-    return Decision(outputs, remote, labels, splits, base_config, resume, resume_from, source)
+    return Decision(outputs, remote, labels, splits, base_config, base_cfg, resume, resume_from, source)
 
 
 def stage(d, task, fetch_pretrained=True):
@@ -133,7 +134,7 @@ def config(opts, p, where, device):
         device=device, load_from=p.resume_from, resume=p.resume, pretrained=p.pretrained,
         world_size=where.world_size, launcher="pytorch" if where.distributed else "none",
         remote_prefix=p.remote.prefix if p.remote else None)
-    return mmconfig.build_config(opts, p.base_config, ctx)
+    return mmconfig.build_config(opts, p.base_cfg, ctx)
 
 
 def _test_stats(p, task):
@@ -150,6 +151,8 @@ def _test_stats(p, task):
 def run(opts):
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=launch.default_workers())
+    # Before staging: a SIGTERM while data downloads still ends in a clean stop (exit 75), not a kill.
+    signals.install(signals.parse_duration(opts.time_limit) if opts.time_limit else None)
     where = launch.detect()
     with storage.node_lock():  # the other processes of this job on this node wait, then find it cached
         d = decide(opts)
@@ -158,7 +161,6 @@ def run(opts):
     cfg = config(opts, p, where, device)
     if opts.dry_run:
         return _dry_run(opts, p, where, device, cfg)
-    signals.install(signals.parse_duration(opts.time_limit) if opts.time_limit else None)
     # From here on the run has started: a failure leaves a record. Before, nothing was written at all.
     try:
         _train(opts, p, where, device, cfg)
@@ -200,11 +202,9 @@ def _train(opts, p, where, device, cfg):
         log.info("distributed: rank %d of %d (%s, master %s:%d)", where.rank, where.world_size, where.kind,
                  where.master_addr, where.master_port)
 
-    from mmengine.runner import Runner
-
     # MMEngine logs to stdout; stdout is for results a script parses, so its log goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
-        runner = Runner.from_cfg(cfg)
+        runner = mmhooks.CvtkRunner.from_cfg(cfg)
         runner.train()
         if p.data.test:
             runner.test()
