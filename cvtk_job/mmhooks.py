@@ -279,3 +279,21 @@ class CvtkRunner(Runner):
         if isinstance(meta, dict):
             meta.pop("config", None)
         return checkpoint
+
+
+class StartupGC(Hook):
+    """Turns the cyclic garbage collector back on when training starts (train turns it off at launch).
+
+    Start-up allocates tens of millions of objects that form no cycles (the parsed COCO files, mmdet's
+    data lists), and the collector would scan them again at every generation it promotes them through
+    (measured: 3.7 s for 1M polygons, on top of the parse). At the first iteration they are frozen out of
+    collection for good (gc.freeze, before the loader workers fork: fewer copied pages), and everything
+    the training loop allocates is collected as usual. Added by train, not through the config."""
+
+    priority = "VERY_HIGH"
+
+    def before_train(self, runner):
+        import gc
+
+        gc.freeze()
+        gc.enable()

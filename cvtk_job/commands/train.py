@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -151,6 +152,7 @@ def _test_stats(p, task):
 def run(opts):
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=launch.default_workers())
+    gc.disable()  # until the first iteration (mmhooks.StartupGC): start-up builds large acyclic data
     # Before staging: a SIGTERM while data downloads still ends in a clean stop (exit 75), not a kill.
     signals.install(signals.parse_duration(opts.time_limit) if opts.time_limit else None)
     where = launch.detect()
@@ -205,6 +207,7 @@ def _train(opts, p, where, device, cfg):
     # MMEngine logs to stdout; stdout is for results a script parses, so its log goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         runner = mmhooks.CvtkRunner.from_cfg(cfg)
+        runner.register_hook(mmhooks.StartupGC())
         runner.train()
         if p.data.test:
             runner.test()
