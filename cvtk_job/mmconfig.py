@@ -362,3 +362,26 @@ def raise_score_threshold(model_cfg, threshold):
         if isinstance(d.get("score_thr"), (int, float)) and d["score_thr"] < threshold:
             d["score_thr"] = threshold
     _walk(model_cfg.get("test_cfg") or {}, visit)
+
+
+def model_shapes(cfg, name):
+    """{tensor name: shape} of the model a config describes, built on the meta device (shapes only: ~0.8 s
+    for Mask R-CNN R101, no memory, no weights). A model that does not build (a type no registry knows, a
+    wrong argument in a user's --model file) is one line here, before the run starts, not a traceback later."""
+    import copy
+
+    import torch
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmdet")
+    register_all_modules(init_default_scope=False)
+    try:
+        with torch.device("meta"):
+            model = MODELS.build(copy.deepcopy(cfg.model))
+    except Exception as err:  # noqa: BLE001 - whatever the config gets wrong, say so in one line
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[-1].split(". ")[0][:200]
+        raise UserError(f"--model {name}: its model does not build ({type(err).__name__}: {detail}); fix the "
+                        "config") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}

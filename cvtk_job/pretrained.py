@@ -111,15 +111,13 @@ def _module_names(keys):
     return list(dict.fromkeys(key.rsplit(".", 1)[0] for key in keys))
 
 
-def load_into(model, path):
-    """Load a checkpoint's weights into `model` where names and shapes agree; say in one line what stays
-    at random init (the class-dependent layers of a COCO checkpoint, typically)."""
+def _tensors(path, mmap=False):
+    """The tensors of a checkpoint file (its state_dict, or the dict itself), as plain data."""
     import torch
 
     checkpoints.allow_mmengine_checkpoints()  # COCO checkpoints and MMEngine training states: plain data
-    name = os.path.basename(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"--pretrained {path}: cannot be read as plain weights ({first}); use auto, none or "
@@ -127,12 +125,35 @@ def load_into(model, path):
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"--pretrained {path}: holds no state_dict; use auto, none or another checkpoint")
-    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _fitting(state, own):
+    return {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+
+
+def _nothing_fits(path, state):
+    return UserError(f"--pretrained {path}: none of its {len(state)} tensors fits this model (another "
+                     "architecture?); pass a checkpoint of the same --model, or --pretrained none")
+
+
+def check_fits(shapes, path):
+    """Refuse, before the run starts (and writes anything), a checkpoint of which nothing fits the model, given
+    the model's {tensor name: shape} (mmconfig.model_shapes); the file is memory-mapped, not loaded twice."""
+    state = _tensors(path, mmap=True)
+    if not any(k in shapes and tuple(v.shape) == shapes[k] for k, v in state.items()):
+        raise _nothing_fits(path, state)
+
+
+def load_into(model, path):
+    """Load a checkpoint's weights into `model` where names and shapes agree; say in one line what stays
+    at random init (the class-dependent layers of a COCO checkpoint, typically)."""
+    name = os.path.basename(path)
+    state = _tensors(path)
     own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    fits = _fitting(state, own)
     if not fits:
-        raise UserError(f"--pretrained {path}: none of its {len(state)} tensors fits this model (another "
-                        "architecture?); pass a checkpoint of the same --model, or --pretrained none")
+        raise _nothing_fits(path, state)
     model.load_state_dict(fits, strict=False)
     left = [k for k in own if k not in fits and not k.endswith("num_batches_tracked")]
     reshaped = [k for k in left if k in state]

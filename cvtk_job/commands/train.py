@@ -161,6 +161,9 @@ def run(opts):
         p = stage(d, opts.task, fetch_pretrained=not opts.dry_run)
     device = launch.select_device(opts.device)
     cfg = config(opts, p, where, device)
+    shapes = mmconfig.model_shapes(cfg, opts.model or os.path.basename(p.base_config))
+    if p.pretrained and os.path.isfile(p.pretrained):  # (a dry run may not have fetched it)
+        pretrained.check_fits(shapes, p.pretrained)
     if opts.dry_run:
         return _dry_run(opts, p, where, device, cfg)
     # From here on the run has started: a failure leaves a record. Before, nothing was written at all.
@@ -252,7 +255,7 @@ def _finish(p, written):
     root = os.path.dirname(p.outputs.prefix)
     if os.path.exists(p.outputs.failed):
         os.unlink(p.outputs.failed)  # an earlier attempt failed; this one did not
-    marker = storage.done_marker(written, root)
+    marker = artifacts.done_marker(written, root)
     artifacts.write_json(p.outputs.done, marker, indent=2)
     if p.remote is None:
         for path in written:

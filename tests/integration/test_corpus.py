@@ -86,6 +86,12 @@ def _torch_file(path, obj):
     return path
 
 
+def _other_architecture(path):
+    import torch
+
+    return _torch_file(path, {"state_dict": {"classifier.weight": torch.zeros(10, 4)}})
+
+
 def _head_of_four_classes(path):
     import torch
 
@@ -186,6 +192,10 @@ LOCAL = [
     ("--model config does not parse", False,
      lambda c: c.train(**{"--model": _write(c.tmp / "bad.py", "model = dict(\n")}),
      "bad.py: cannot be read as an MMEngine config"),
+    ("--model config names an unknown type", True,
+     lambda c: c.train(**{"--model": _write(c.tmp / "typo.py", f"_base_ = ['{TINY_MODELS['segm']}']\n"
+                                                                "model = dict(type='MaskRCN')\n")}),
+     "typo.py: its model does not build (KeyError"),
     ("--model config is no detector", False,
      lambda c: c.train(**{"--model": _write(c.tmp / "x.py", "a = 1\n")}),
      "x.py: has no `model` and `train_dataloader`"),
@@ -198,6 +208,9 @@ LOCAL = [
      "t.pth: holds a Tensor, not a model checkpoint"),
     ("--pretrained is a zip but no checkpoint", False,
      lambda c: c.train(**{"--pretrained": _zip_not_torch(c.tmp / "p.pth")}), "p.pth: not a readable torch checkpoint"),
+    ("--pretrained of another architecture", True,
+     lambda c: c.train(**{"--pretrained": _other_architecture(c.tmp / "other.pth")}),
+     "other.pth: none of its 1 tensors fits this model"),
     # inference: weights and names checked before any image is read
     ("--output is an existing file", False, lambda c: c.inference(**{"--output": _write(c.tmp / "o.txt", "x")}),
      "o.txt: is an existing file; give a folder"),
