@@ -6,6 +6,7 @@ user, the S3 sync, a resumed run) sees either the old file or the new one, never
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -171,3 +172,20 @@ def write_train_stats(outputs, rows):
 def write_valid_stats(outputs, rows):
     write_tsv(outputs.valid_txt, rows, valid_columns(rows))
     plot_stats(outputs.valid_png, rows, "step", "Validation: COCO metrics after each epoch")
+
+
+# The output contract: a run's done marker lists exactly the files it wrote, with size and SHA-256.
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def done_marker(paths, root):
+    """The success record: each output (relative to root) with its size and SHA-256."""
+    return {"outputs": [{"path": os.path.relpath(p, root).replace(os.sep, "/"), "size": os.path.getsize(p),
+                         "sha256": sha256(p)} for p in sorted(paths) if os.path.isfile(p)]}

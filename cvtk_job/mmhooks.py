@@ -189,6 +189,7 @@ class CvtkSyncOut(Hook):
         from . import storage
 
         self.outputs = artifacts.TrainOutputs(output_prefix)
+        self.remote = artifacts.TrainOutputs(remote_prefix)
         self.outbox = storage.Outbox(os.path.dirname(output_prefix), os.path.dirname(remote_prefix))
 
     def _sync(self, runner):
@@ -201,6 +202,18 @@ class CvtkSyncOut(Hook):
                 files.append(fh.read().strip())
         self.outbox.sync(files)
         self.outbox.sync([pointer])
+        self._retain()
+
+    def _retain(self):
+        """The bucket keeps the epoch checkpoints the local workspace keeps (CheckpointHook's max_keep_ckpts):
+        a Mask R-CNN R101 training state is hundreds of MB, every epoch."""
+        from . import storage
+
+        for uri in storage.list_objects(self.remote.workspace.rstrip("/") + "/"):
+            name = uri.rsplit("/", 1)[1]
+            if name.startswith("epoch_") and name.endswith(".pth") and \
+                    not os.path.exists(os.path.join(self.outputs.workspace, name)):
+                storage.remove(uri)
 
     def after_train_epoch(self, runner):
         self._sync(runner)

@@ -26,11 +26,21 @@ def resume_point(resume, task, outputs, remote, labels):
         return False, None
     if resume == "auto":
         pointer = os.path.join(outputs.workspace, "last_checkpoint")
-        if not os.path.isfile(pointer) and remote is not None:
-            fetch_remote_workspace(outputs, remote)
+        if remote is not None and not fetch_remote_workspace(outputs, remote):
+            # Outputs on S3: the bucket is the truth. A run deleted there starts over, whatever an earlier
+            # attempt left in this machine's workspace.
+            if os.path.isfile(pointer):
+                log.info("no checkpoint under %s: starting over (ignoring this machine's %s)", remote.workspace,
+                         pointer)
+                os.unlink(pointer)
+            return False, None
         if not os.path.isfile(pointer):
             return False, None
-        return (True, None) if usable_checkpoint(outputs.workspace, pointer) else (False, None)
+        if not usable_checkpoint(outputs.workspace, pointer):
+            return False, None
+        with open(pointer, encoding="utf-8") as fh:
+            checkpoints.check_resumable(fh.read().strip(), task, labels)  # same task and classes, or one line
+        return True, None
     path = storage.stage_file(resume)
     if not os.path.isfile(path):
         raise UserError(f"--resume {resume}: checkpoint not found; use auto, none or a .pth path")
@@ -56,19 +66,24 @@ def usable_checkpoint(workspace, pointer):
 
 
 def fetch_remote_workspace(outputs, remote):
-    """A fresh machine: bring the last checkpoint and the stats of an interrupted run back from S3."""
+    """Bring the last checkpoint and the stats of an interrupted run back from S3 (unless this machine holds
+    the same checkpoint already); False when S3 holds no checkpoint of the run."""
     pointer_uri = storage.join(remote.workspace, "last_checkpoint")
     if not storage.exists(pointer_uri):
-        return
+        return False
     with open(storage.stage_file(pointer_uri), encoding="utf-8") as fh:
         name = os.path.basename(fh.read().strip())
     local_ckpt = os.path.join(outputs.workspace, name)
+    ckpt_uri = storage.join(remote.workspace, name)
     os.makedirs(outputs.workspace, exist_ok=True)
-    os.replace(storage.stage_file(storage.join(remote.workspace, name)), local_ckpt)
+    fetched = not (os.path.isfile(local_ckpt) and os.path.getsize(local_ckpt) == storage.head(ckpt_uri)[0])
+    if fetched:
+        os.replace(storage.stage_file(ckpt_uri), local_ckpt)
     for local, uri in ((outputs.train_txt, remote.train_txt), (outputs.valid_txt, remote.valid_txt)):
         staged = storage.stage_optional(uri)
         if staged:
             artifacts.write_text(local, open(staged, encoding="utf-8").read())
     # mmengine's pointer holds an absolute path: point it at this machine's copy.
     artifacts.write_text(os.path.join(outputs.workspace, "last_checkpoint"), local_ckpt)
-    log.info("resuming from %s (fetched from S3)", storage.join(remote.workspace, name))
+    log.info("resuming from %s (%s)", ckpt_uri, "fetched from S3" if fetched else "the same as this machine's copy")
+    return True

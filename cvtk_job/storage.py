@@ -1,7 +1,10 @@
 """Local paths and `s3://bucket/key` URIs. The only module that imports boto3.
 
-Inputs are staged in to a local cache that mirrors the bucket's layout (so relative `file_name`s in
-a staged COCO JSON resolve to the staged images), skipping objects whose size and ETag are unchanged.
+Transport only (COCO staging lives in `coco`, done markers in `artifacts`). Inputs are staged in to a
+local cache that mirrors the bucket's layout (so relative `file_name`s in a staged COCO JSON resolve to
+the staged images): objects named by a file are fetched one request each, conditional on the cached
+ETag; a prefix is listed once and only what the listing holds is used, skipping unchanged objects.
+Every transfer of one call shares one retry deadline, and the first failure stops the others.
 Outputs are written locally and uploaded: S3 makes an object visible only once it is complete.
 Credentials and endpoint come from boto3's standard chain (environment, profile, web identity,
 instance role; `AWS_ENDPOINT_URL(_S3)`); nothing here ever prints them.
@@ -9,7 +12,6 @@ instance role; `AWS_ENDPOINT_URL(_S3)`); nothing here ever prints them.
 
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -152,9 +154,24 @@ def translate(err, uri):
     return None
 
 
-def _call(uri, fn, *args, **kwargs):
-    """Run an S3 operation; retry storage failures with backoff for up to RETRY_SECONDS."""
-    deadline, delay = time.monotonic() + RETRY_SECONDS, 0.5
+class Budget:
+    """One retry deadline and one cancellation shared by every transfer of a call (a staging, a sync): when the
+    server is gone, 10,000 queued objects fail together within RETRY_SECONDS, not each after its own budget."""
+
+    def __init__(self, seconds=None):
+        self.start = time.monotonic()
+        self.deadline = self.start + (RETRY_SECONDS if seconds is None else seconds)
+        self.failed = threading.Event()
+
+    def elapsed(self):
+        return time.monotonic() - self.start
+
+
+def _call(uri, fn, *args, _budget=None, **kwargs):
+    """Run an S3 operation; retry storage failures with backoff until the budget's deadline (RETRY_SECONDS
+    from now without one), and not at all once another transfer of the same budget has failed."""
+    budget = _budget or Budget()
+    delay = 0.5
     while True:
         try:
             return fn(*args, **kwargs)
@@ -164,13 +181,38 @@ def _call(uri, fn, *args, **kwargs):
                 raise
             # Keep trying until the whole budget is spent (the last wait is cut short to end on it), so the
             # error's "for N s" is true and a brief outage near the end of the budget still gets one more try.
-            remaining = deadline - time.monotonic()
-            if isinstance(mapped, UserError) or remaining <= 0:
+            remaining = budget.deadline - time.monotonic()
+            if isinstance(mapped, UserError) or remaining <= 0 or budget.failed.is_set():
                 raise mapped from None
             wait = min(delay, remaining)
             log.warning("%s: %s; retrying in %.1f s", uri, type(err).__name__, wait)
-            time.sleep(wait)
+            if budget.failed.wait(wait):
+                raise mapped from None
             delay = min(delay * 2, 8.0)
+
+
+def _parallel(jobs, what, on_done=None):
+    """Run `jobs` ({key: fn(budget)}) on PARALLEL threads with one Budget; the first failure cancels the queued
+    jobs and stops the running ones' retries, and is raised naming its object and the time spent."""
+    budget = Budget()
+    pool = concurrent.futures.ThreadPoolExecutor(PARALLEL)
+    try:
+        futures = {pool.submit(fn, budget): key for key, fn in jobs.items()}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                future.result()
+            except BaseException as err:
+                budget.failed.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                if isinstance(err, StorageError):
+                    raise StorageError(f"{err} ({what}: stopped after {budget.elapsed():.0f} s, "
+                                       f"{sum(f.done() and not f.cancelled() for f in futures)} of {len(futures)} "
+                                       "finished)") from None
+                raise
+            if on_done:
+                on_done(futures[future])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def head(uri):
@@ -234,15 +276,15 @@ def _get_small(bucket, key, path):
             fh.write(chunk)
 
 
-def _download(uri, local, size, etag):
+def _download(uri, local, size, etag, budget=None):
     bucket, key = split(uri)
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = f"{local}.part-{os.getpid()}-{threading.get_ident()}"
     try:
         if size < SMALL_OBJECT_BYTES:
-            _call(uri, _get_small, bucket, key, tmp)
+            _call(uri, _get_small, bucket, key, tmp, _budget=budget)
         else:
-            _call(uri, client().download_file, bucket, key, tmp)
+            _call(uri, client().download_file, bucket, key, tmp, _budget=budget)
         os.replace(tmp, local)
     finally:
         if os.path.exists(tmp):
@@ -261,11 +303,9 @@ def stage_objects(objects, what="files"):
         from tqdm import tqdm
 
         with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc=f"staging {len(todo)} {what}",
-                  disable=None) as bar, concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-            futures = {pool.submit(_download, uri, local[uri], *objects[uri]): uri for uri in todo}
-            for future in concurrent.futures.as_completed(futures):
-                future.result()
-                bar.update(objects[futures[future]][0])
+                  disable=None) as bar:
+            jobs = {uri: (lambda budget, uri=uri: _download(uri, local[uri], *objects[uri], budget)) for uri in todo}
+            _parallel(jobs, f"staging {len(todo)} {what}", on_done=lambda uri: bar.update(objects[uri][0]))
     log.info("staged %d %s (%d downloaded, %d unchanged in the cache)", len(objects), what, len(todo),
              len(objects) - len(todo))
     return local
@@ -294,25 +334,88 @@ def safe_relative(name, where):
     return posixpath.normpath(name)
 
 
+class _Missing(Exception):
+    pass
+
+
+def _fetch_named(uri, local, budget):
+    """GET one object into the cache, conditional on the cached copy's ETag (304: keep it): one request per
+    object, whatever the cache holds, and the cache is checked against S3 every time."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split(uri)
+    meta = None
+    try:
+        with open(_meta_path(local)) as fh:
+            meta = json.load(fh)
+        if os.path.getsize(local) != meta.get("size"):
+            meta = None
+    except (OSError, ValueError, AttributeError):
+        meta = None
+
+    def get():
+        try:
+            reply = client().get_object(Bucket=bucket, Key=key, **({"IfNoneMatch": meta["etag"]} if meta else {}))
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = err.response.get("Error", {}).get("Code")
+            if status == 304 or code in ("304", "NotModified"):
+                return False
+            if status == 404 or code in ("NoSuchKey", "404"):
+                raise _Missing(uri) from None
+            raise
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.part-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as fh:
+                for chunk in reply["Body"].iter_chunks(1 << 20):
+                    fh.write(chunk)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        os.makedirs(os.path.dirname(_meta_path(local)), exist_ok=True)
+        with open(_meta_path(local), "w") as fh:
+            json.dump({"size": reply["ContentLength"], "etag": reply["ETag"]}, fh)
+        return True
+
+    return _call(uri, get, _budget=budget)
+
+
 def stage_many(base_uri, names, where):
-    """Stage base_uri/<name> for every name (listing the prefix once for sizes and ETags)."""
-    listed = list_objects(base_uri.rstrip("/") + "/")
-    wanted = {join(base_uri, safe_relative(n, where)) for n in names}
-    missing = sorted(wanted - set(listed))
+    """Stage base_uri/<name> for every name: exactly those objects, one request each (no listing of the folder,
+    which for a JSON at the bucket root is the whole bucket); {uri: local path}."""
+    uris = sorted({join(base_uri, safe_relative(n, where)) for n in names})
+    local = {uri: cache_path(uri) for uri in uris}
+    missing, fetched = [], []
+
+    def job(uri):
+        def run(budget):
+            try:
+                if _fetch_named(uri, local[uri], budget):
+                    fetched.append(uri)
+            except _Missing:
+                missing.append(uri)
+        return run
+
+    _parallel({uri: job(uri) for uri in uris}, f"staging {len(uris)} images")
     if missing:
-        raise UserError(f"{where}: {len(missing)} referenced file(s) not on S3, e.g. {missing[0]}; upload "
+        raise UserError(f"{where}: {len(missing)} referenced file(s) not on S3, e.g. {sorted(missing)[0]}; upload "
                         "them or fix the file names")
-    return stage_objects({uri: listed[uri] for uri in wanted}, what="images")
+    log.info("staged %d images (%d downloaded, %d unchanged in the cache)", len(uris), len(fetched),
+             len(uris) - len(fetched))
+    return local
 
 
 def stage_prefix(prefix_uri, keep):
-    """Stage every object under a prefix whose name passes `keep`; returns the local folder."""
+    """Stage every object under a prefix whose name passes `keep`; returns {key relative to the prefix: local
+    path}, exactly the objects listed now (an object deleted from S3 but still in the cache is not in it)."""
     prefix_uri = prefix_uri.rstrip("/") + "/"
     objects = {u: m for u, m in list_objects(prefix_uri).items() if keep(u)}
     if not objects:
         raise UserError(f"{prefix_uri}: no images under this prefix")
-    stage_objects(objects, what="images")
-    return cache_path(prefix_uri.rstrip("/") + "/x")[:-2]
+    local = stage_objects(objects, what="images")
+    return {uri[len(prefix_uri):]: local[uri] for uri in sorted(local)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,9 +433,9 @@ class Outbox:
         rel = os.path.relpath(path, self.local_root).replace(os.sep, "/")
         return f"{self.remote_root}/{rel}"
 
-    def _upload(self, path, uri):
+    def _upload(self, path, uri, budget=None):
         bucket, key = split(uri)
-        _call(uri, client().upload_file, path, bucket, key)
+        _call(uri, client().upload_file, path, bucket, key, _budget=budget)
 
     def sync(self, paths):
         """Upload the given files (those that changed since their last upload), in parallel."""
@@ -343,8 +446,8 @@ class Outbox:
             stamp = (os.path.getsize(path), os.path.getmtime(path))
             if self._sent.get(path) != stamp:
                 todo.append((path, stamp))
-        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-            list(pool.map(lambda item: self._upload(item[0], self._remote(item[0])), todo))
+        _parallel({path: (lambda budget, path=path: self._upload(path, self._remote(path), budget))
+                   for path, _ in todo}, f"uploading {len(todo)} files")
         for path, stamp in todo:
             self._sent[path] = stamp
         return [self._remote(p) for p, _ in todo]
@@ -353,17 +456,3 @@ class Outbox:
         paths = [os.path.join(parent, f) for parent, _, files in os.walk(folder) for f in files
                  if not f.startswith(".") and ".part-" not in f]
         return self.sync(paths)
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def done_marker(paths, root):
-    """The success record: each output (relative to root) with its size and SHA-256."""
-    return {"outputs": [{"path": os.path.relpath(p, root).replace(os.sep, "/"), "size": os.path.getsize(p),
-                         "sha256": sha256(p)} for p in sorted(paths) if os.path.isfile(p)]}

@@ -15,6 +15,7 @@ class CountingProxy:
     def __init__(self, upstream):
         self.upstream = urllib.parse.urlparse(upstream)
         self.requests = []
+        self.queries = []  # (method, path, query string)
         self._lock = threading.Lock()
         proxy = self
 
@@ -28,7 +29,9 @@ class CountingProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 with proxy._lock:
-                    proxy.requests.append((self.command, urllib.parse.unquote(self.path.split("?")[0])))
+                    path, _, query = self.path.partition("?")
+                    proxy.requests.append((self.command, urllib.parse.unquote(path)))
+                    proxy.queries.append((self.command, urllib.parse.unquote(path), query))
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
                 try:
                     conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
@@ -71,3 +74,7 @@ class CountingProxy:
             if method == "GET" and path.startswith(prefix) and not path.endswith("/"):
                 counts[path] = counts.get(path, 0) + 1
         return counts
+
+    def listings(self):
+        """The bucket listings (ListObjectsV2 pages) that reached S3."""
+        return [(path, query) for method, path, query in self.queries if method == "GET" and "list-type" in query]

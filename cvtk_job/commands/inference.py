@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import artifacts, coco, images, launch, mmconfig, predictions, signals, storage
+from .. import artifacts, coco, images, launch, mmconfig, names, predictions, signals, storage
 from ..errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,9 @@ def _stage_data(uri):
     if images.is_image_name(uri):
         return storage.stage_file(uri)
     if uri.endswith("/") or not storage.exists(uri):
-        return storage.stage_prefix(uri, keep=images.is_image_name)
+        listed = storage.stage_prefix(uri, keep=images.is_image_name)
+        root = storage.cache_path(uri.rstrip("/") + "/x")[:-2]
+        return images.ImageSet(root, [images.ImageRef(path, name) for name, path in listed.items()], "prefix")
     local = storage.stage_file(uri)  # a list file: stage what it names relative to its prefix
     entries = [entry for _, entry in images.list_entries(local, uri)]
     storage.stage_many(uri.rsplit("/", 1)[0], entries, uri)  # refuses absolute entries and '..'
@@ -200,7 +202,9 @@ def run(opts):
     _check(opts)
     with storage.node_lock():  # one stager per node; the other processes find everything cached
         d = decide(opts)
-        found = images.collect(_stage_data(opts.data), name=opts.data, local=not storage.is_s3(opts.data))
+        staged = _stage_data(opts.data)
+        found = staged if isinstance(staged, images.ImageSet) else \
+            images.collect(staged, name=opts.data, local=not storage.is_s3(opts.data))
     if opts.dry_run:
         return _dry_run(opts, d, found)
     signals.install()  # SIGTERM/SIGUSR1: stop between batches, write nothing final, exit 75
@@ -240,7 +244,7 @@ def run(opts):
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers, shuffle=False,
                                          worker_init_fn=signals.detach_loader_worker)
     os.makedirs(output, exist_ok=True)
-    skipped, done = [], 0
+    skipped, done, drawn = [], 0, []  # drawn: this run's images (a rerun's outputs are exactly its own)
     log.info("inference: %d images from %s (%s), batch %d, %s", len(found.images), opts.data, found.kind,
              opts.batch_size, device)
     writer = predictions.PartWriter(part, categories) if part else \
@@ -276,8 +280,8 @@ def run(opts):
                 dets = predictions.detections(pred, height, width, with_mask, opts.score_threshold, masks)
                 in_order.add(item.index, item.index + 1, ref.name, int(width), int(height), dets)
                 if not opts.no_draw:
-                    _write_image(os.path.join(output, ref.name),
-                                 drawing.draw(item.original, dets, labels, masks))
+                    drawn.append(os.path.join(output, ref.name))
+                    _write_image(drawn[-1], drawing.draw(item.original, dets, labels, masks))
             done += len(good)
             if done % max(50, opts.batch_size) < len(good):
                 log.info("inference: %d/%d images", done, len(found.images))
@@ -290,20 +294,28 @@ def run(opts):
              writer.num_images, writer.num_annotations, opts.score_threshold, len(skipped),
              f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else "")
     if where.distributed and storage.is_s3(opts.output):
-        return _finish_distributed_s3(output, opts.output, where, categories)
+        return _finish_distributed_s3(output, opts.output, where, categories, drawn)
     if where.distributed:
         import torch.distributed as dist
 
         # A local --output: the parts meet in the same folder (one machine, or a shared filesystem).
+        artifacts.write_json(os.path.join(output, f".drawn.rank{where.rank}.json"),
+                             [os.path.relpath(p, output) for p in drawn])
         dist.barrier()  # every part is complete (closed and renamed)
         if not where.is_main:
             return
         predictions.merge_parts([os.path.join(output, f".{INSTANCES}.part{r}") for r in range(where.world_size)],
                                 os.path.join(output, INSTANCES), categories)
-    _finish(output, opts.output)
+        drawn = []
+        for r in range(where.world_size):
+            listing = os.path.join(output, f".drawn.rank{r}.json")
+            with open(listing, encoding="utf-8") as fh:
+                drawn += [os.path.join(output, name) for name in json.load(fh)]
+            os.unlink(listing)
+    _finish(output, opts.output, [*drawn, os.path.join(output, INSTANCES)])
 
 
-def _finish_distributed_s3(local, target, where, categories):
+def _finish_distributed_s3(local, target, where, categories, drawn):
     """Several processes, maybe on several machines with nothing shared but the bucket: each uploads its
     drawn images, its part of instances.json and a manifest of what it uploaded; rank 0 fetches the parts,
     merges them, and writes instances.json and done.json (every rank's files) last."""
@@ -311,10 +323,9 @@ def _finish_distributed_s3(local, target, where, categories):
 
     part = os.path.join(local, f".{INSTANCES}.part{where.rank}")
     manifest = os.path.join(local, f".manifest.rank{where.rank}.json")
-    drawn = [os.path.join(parent, f) for parent, _, files in os.walk(local) for f in files if not f.startswith(".")]
     outbox = storage.Outbox(local, target)
     outbox.sync(drawn)
-    artifacts.write_json(manifest, storage.done_marker(drawn, local))
+    artifacts.write_json(manifest, artifacts.done_marker(drawn, local))
     outbox.sync([part, manifest])
     dist.barrier()  # every rank's files are on S3
     if not where.is_main:
@@ -329,10 +340,12 @@ def _finish_distributed_s3(local, target, where, categories):
     instances = os.path.join(local, INSTANCES)
     predictions.merge_parts(parts, instances, categories)
     marker = os.path.join(local, DONE)
-    done = storage.done_marker([instances], local)
+    done = artifacts.done_marker([instances], local)
     done["outputs"] = sorted(done["outputs"] + entries, key=lambda e: e["path"])
+    previous = _previous_outputs(target)
     artifacts.write_json(marker, done, indent=2)
     outbox.sync([instances])
+    _remove_stale(target, previous, {e["path"] for e in done["outputs"]})
     outbox.sync([marker])  # last: its presence means every output is complete
     for uris in shared:
         for uri in uris:
@@ -362,16 +375,47 @@ def _load_state(model, weights, opts):
                         "pass the config it was trained with (--model_config)") from None
 
 
-def _finish(local, target):
-    """Done marker last; for S3, upload everything, then the marker."""
+def _previous_outputs(target):
+    """The outputs the last complete run into `target` listed in its done.json (paths relative to it)."""
+    marker = storage.stage_optional(storage.join(target, DONE)) if storage.is_s3(target) else \
+        os.path.join(target, DONE)
+    if not marker or not os.path.isfile(marker):
+        return set()
+    try:
+        with open(marker, encoding="utf-8") as fh:
+            listed = [e.get("path") for e in json.load(fh).get("outputs", []) if isinstance(e, dict)]
+    except (ValueError, AttributeError):
+        return set()  # not ours to interpret; nothing is removed on its word
+    # Only names inside the output folder: a planted done.json must not make us delete anything elsewhere.
+    return {p for p in listed if isinstance(p, str) and names.name_problem(p, local=False) is None}
+
+
+def _remove_stale(target, previous, current):
+    """Remove what the previous run into `target` wrote and this one did not (its done.json says what)."""
+    stale = sorted(previous - current - {DONE})
+    for name in stale:
+        if storage.is_s3(target):
+            storage.remove(storage.join(target, name))
+        elif os.path.isfile(os.path.join(target, name)):
+            os.unlink(os.path.join(target, name))
+    if stale:
+        log.info("removed %d output(s) of the previous run that this run did not write", len(stale))
+
+
+def _finish(local, target, written):
+    """Done marker last, listing exactly this run's files; the previous run's other outputs are removed; for
+    S3, upload this run's files, then the marker."""
     marker = os.path.join(local, DONE)
-    written = [os.path.join(parent, f) for parent, _, files in os.walk(local) for f in files
-               if not f.startswith(".") and os.path.join(parent, f) != marker]
-    artifacts.write_json(marker, storage.done_marker(written, local), indent=2)
+    previous = _previous_outputs(target)
+    done = artifacts.done_marker(written, local)
+    artifacts.write_json(marker, done, indent=2)
     if storage.is_s3(target):
         outbox = storage.Outbox(local, target)
         outbox.sync(written)
+        _remove_stale(target, previous, {e["path"] for e in done["outputs"]})
         outbox.sync([marker])
+    else:
+        _remove_stale(target, previous, {e["path"] for e in done["outputs"]})
     print(storage.join(target, INSTANCES) if storage.is_s3(target) else os.path.join(target, INSTANCES))
 
 

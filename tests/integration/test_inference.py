@@ -199,3 +199,24 @@ def test_sigterm_stops_inference_with_75_writing_nothing_final_and_a_rerun_compl
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(load_instances(out)["images"]) == 60 and (out / "done.json").exists()
+
+
+def test_a_rerun_into_the_same_output_leaves_exactly_its_own_files(small_data, trained_segm, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(small_data / "test" / "images", images)
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine")  # not an output of any run: never touched
+    assert infer(small_data, trained_segm, images, out).returncode == 0
+    first = sorted(p.name for p in out.iterdir())
+    removed = sorted(images.iterdir())[:2]
+    for path in removed:
+        path.unlink()
+    result = infer(small_data, trained_segm, images, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = sorted(p.name for p in images.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "instances.json", "done.json", "notes.txt"])
+    assert set(first) - set(kept) >= {p.name for p in removed}  # they were there after the first run
+    listed = [e["path"] for e in json.loads((out / "done.json").read_text())["outputs"]]
+    assert listed == sorted([*kept, "instances.json"])
+    assert sorted(i["file_name"] for i in load_instances(out)["images"]) == kept

@@ -1,6 +1,7 @@
 """Every input and output on a real S3 server (SeaweedFS on 127.0.0.1): stage in, sync out, resume."""
 
 import json
+import re
 import time
 import uuid
 
@@ -77,16 +78,36 @@ def test_train_and_inference_with_everything_on_s3(s3_server, bucket, tmp_path):
     assert "staged 1 file (0 downloaded, 1 unchanged in the cache)" in again.stderr
 
 
+def _epoch_checkpoints(names):
+    return sorted(str(n).rsplit("/", 1)[-1] for n in names if re.search(r"epoch_\d+\.pth$", str(n)))
+
+
 def test_resume_from_s3_on_a_fresh_machine(s3_server, bucket, tmp_path):
-    first = run_cli(*s3_train_args(bucket, "run", "--epoch", "1"), env=env_for(s3_server, tmp_path / "machine1"))
+    """S3 is the truth for --resume auto: a fresh machine continues from it, the bucket keeps the epoch
+    checkpoints the workspace keeps, and a run deleted from S3 starts over on a machine that still has it."""
+    first = run_cli(*s3_train_args(bucket, "run", "--epoch", "3"), env=env_for(s3_server, tmp_path / "machine1"))
     assert first.returncode == 0, first.stderr[-3000:]
-    # Another machine: empty cache and workspace; the same command with --epoch 2 continues.
-    second = run_cli(*s3_train_args(bucket, "run", "--epoch", "2"), env=env_for(s3_server, tmp_path / "machine2"))
+    # Another machine: empty cache and workspace; the same command with --epoch 4 continues.
+    machine2 = env_for(s3_server, tmp_path / "machine2")
+    second = run_cli(*s3_train_args(bucket, "run", "--epoch", "4"), env=machine2)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "fetched from S3" in second.stderr and "resumed epoch: 1" in second.stderr
-    assert "Epoch(train) [1]" not in second.stderr and "Epoch(train) [2]" in second.stderr
+    assert f"resuming from s3://{bucket}/run/strawberry/epoch_3.pth" in second.stderr
+    assert "resumed epoch: 3" in second.stderr
+    assert "Epoch(train) [3]" not in second.stderr and "Epoch(train) [4]" in second.stderr
     rows = s3_server.client().get_object(Bucket=bucket, Key="run/strawberry.train_stats.train.txt")["Body"]
-    assert [line.split("\t")[0] for line in rows.read().decode().splitlines()[1:]] == ["1", "2"]
+    assert [line.split("\t")[0] for line in rows.read().decode().splitlines()[1:]] == ["1", "2", "3", "4"]
+    workspace = tmp_path / "machine2" / "cache" / "outputs" / bucket / "run" / "strawberry"
+    local = _epoch_checkpoints(workspace.iterdir())
+    assert local == ["epoch_3.pth", "epoch_4.pth"]  # max_keep_ckpts=2
+    assert _epoch_checkpoints(s3_server.keys(bucket, "run/strawberry/")) == local  # epoch_1, epoch_2 removed
+
+    for key in s3_server.keys(bucket, "run/"):
+        s3_server.client().delete_object(Bucket=bucket, Key=key)
+    third = run_cli(*s3_train_args(bucket, "run", "--epoch", "1"), env=machine2)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "starting over" in third.stderr and "resumed epoch" not in third.stderr
+    rows = s3_server.client().get_object(Bucket=bucket, Key="run/strawberry.train_stats.train.txt")["Body"]
+    assert [line.split("\t")[0] for line in rows.read().decode().splitlines()[1:]] == ["1"]
 
 
 def test_wrong_secret_is_exit_2_and_never_printed(s3_server, bucket, tmp_path):
@@ -181,3 +202,103 @@ def test_server_restart_during_training_uploads_does_not_fail_the_run(tmp_path, 
         assert "out/strawberry.done.json" in server.keys(name, "out/")
     finally:
         server.stop()
+
+
+def test_a_prefix_is_what_it_lists_now_and_a_rerun_leaves_exactly_its_own_outputs(s3_server, bucket, trained_segm,
+                                                                                 small_data, tmp_path):
+    """Objects deleted from the input prefix are not predicted on (the cache still holds them), and the rerun
+    into the same S3 output removes the previous run's drawings of them: done.json lists exactly the keys."""
+    env = env_for(s3_server, tmp_path)
+    prefix = "strawberry/test/images/"
+    args = ["inference", "--label", small_data / "label.txt", "--data", f"s3://{bucket}/{prefix}",
+            "--model_weights", trained_segm, "--output", f"s3://{bucket}/pred", "--device", "cpu",
+            "--score_threshold", "0.0"]
+    assert run_cli(*args, env=env).returncode == 0
+    names = [k[len(prefix):] for k in s3_server.keys(bucket, prefix)]
+    assert s3_server.keys(bucket, "pred/") == sorted([f"pred/{n}" for n in names] + ["pred/done.json",
+                                                                                   "pred/instances.json"])
+    for name in names[:2]:
+        s3_server.client().delete_object(Bucket=bucket, Key=prefix + name)
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = names[2:]
+    assert s3_server.keys(bucket, "pred/") == sorted([f"pred/{n}" for n in kept] + ["pred/done.json",
+                                                                                  "pred/instances.json"])
+    body = s3_server.client().get_object(Bucket=bucket, Key="pred/done.json")["Body"].read()
+    assert [e["path"] for e in json.loads(body)["outputs"]] == sorted([*kept, "instances.json"])
+    instances = json.loads(s3_server.client().get_object(Bucket=bucket, Key="pred/instances.json")["Body"].read())
+    assert sorted(i["file_name"] for i in instances["images"]) == kept
+
+
+def test_server_stopped_while_5000_objects_stage_is_exit_3_within_the_budget(tmp_path, trained_segm, small_data):
+    """One deadline for the whole staging: the first object that cannot be fetched stops the rest (each used
+    to retry for its own budget, in turn: hours for 10,000 images)."""
+    import concurrent.futures
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    budget = 5
+    server = SeaweedS3(tmp_path / "weed").start()
+    try:
+        name = "cvtk-many"
+        server.client().create_bucket(Bucket=name)
+        body = (small_data / "test" / "images").glob("*.jpg").__next__().read_bytes()
+        client = server.client()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: client.put_object(Bucket=name, Key=f"many/{i:05d}.jpg", Body=body), range(5000)))
+        env = {**__import__("os").environ, **env_for(server, tmp_path), "CVTK_JOB_S3_RETRY_SECONDS": str(budget),
+               "CVTK_JOB_S3_PARALLEL": "4"}
+        proc = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), "inference", "--label",
+                                 str(small_data / "label.txt"), "--data", f"s3://{name}/many/", "--model_weights",
+                                 str(trained_segm), "--output", str(tmp_path / "out"), "--device", "cpu"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cached = tmp_path / "cache" / "s3" / name / "many"
+        deadline = time.time() + 300
+        while not (cached.is_dir() and len(list(cached.glob("*.jpg"))) >= 20):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        server.stop()
+        stopped = time.time()
+        _, err = proc.communicate(timeout=budget + 60)
+        elapsed = time.time() - stopped
+    finally:
+        server.stop()
+    assert proc.returncode == 3, err[-3000:]
+    assert elapsed < budget + 10, f"{elapsed:.1f} s after the server stopped"
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and f"s3://{name}/many/" in errors[0] and "stopped after" in errors[0], err[-3000:]
+    assert len(list(cached.glob("*.jpg"))) < 5000
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_coco_file_at_the_bucket_root_fetches_exactly_what_it_names(s3_server, small_data, tmp_path):
+    """No listing of the JSON's folder (here: the whole bucket, next to unrelated objects): one GET per named
+    image; a second run asks again (the cache is checked, never trusted) and downloads nothing."""
+    from tests.s3proxy import CountingProxy
+
+    name = f"cvtk-root-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=name)
+    train = json.loads((small_data / "train" / "segm.json").read_text())
+    client.put_object(Bucket=name, Key="segm.json", Body=json.dumps(train).encode())
+    for img in train["images"]:
+        client.upload_file(str(small_data / "train" / img["file_name"]), name, img["file_name"])
+    for i in range(30):
+        client.put_object(Bucket=name, Key=f"other/unrelated-{i}.jpg", Body=b"x" * 100)
+    args = ["train", "--label", small_data / "label.txt", "--train", f"s3://{name}/segm.json", "--output_weights",
+            tmp_path / "out" / "x.pth", *SPEED, "--model", TINY_MODELS["segm"], "--dry_run"]
+    with CountingProxy(s3_server.endpoint) as proxy:
+        env = {**env_for(s3_server, tmp_path), "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        first = run_cli(*args, env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        second = run_cli(*args, env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+    assert proxy.listings() == []
+    named = {f"/{name}/{img['file_name']}" for img in train["images"]}
+    gets = proxy.gets(f"/{name}/")
+    assert set(gets) == named | {f"/{name}/segm.json"}
+    assert all(gets[path] == 2 for path in named)  # once per run
+    assert f"staged {len(named)} images ({len(named)} downloaded, 0 unchanged" in first.stderr
+    assert f"staged {len(named)} images (0 downloaded, {len(named)} unchanged in the cache)" in second.stderr

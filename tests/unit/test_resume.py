@@ -14,7 +14,8 @@ def workspace(tmp_path, epochs, damaged=()):
     ws.mkdir(exist_ok=True)
     for epoch in epochs:
         path = ws / f"epoch_{epoch}.pth"
-        torch.save({"meta": {"epoch": epoch}}, path)
+        torch.save({"meta": {"epoch": epoch, "dataset_meta": {"classes": ["a"]}}, "optimizer": {},
+                    "state_dict": {"roi_head.mask_head.conv.weight": torch.zeros(1)}}, path)
         if epoch in damaged:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     if epochs:
@@ -52,3 +53,11 @@ def test_an_explicit_path_must_exist(tmp_path):
     outputs, _ = workspace(tmp_path, [])
     with pytest.raises(UserError, match="--resume nope.pth: checkpoint not found"):
         resume.resume_point("nope.pth", "segm", outputs, None, ["a"])
+
+
+def test_auto_refuses_a_workspace_of_other_classes_or_another_task(tmp_path):
+    outputs, _ = workspace(tmp_path, [1])
+    with pytest.raises(UserError, match=r"was trained on classes \['a'\] but the label file lists \['b'\]"):
+        resume.resume_point("auto", "segm", outputs, None, ["b"])
+    with pytest.raises(UserError, match="is a mask model .task segm. but this run is --task det"):
+        resume.resume_point("auto", "det", outputs, None, ["a"])
