@@ -71,7 +71,8 @@ class Pod:
                   if m["mountPath"] != "/dev/shm"}
         for folder in mounts.values():
             folder.mkdir(parents=True, exist_ok=True)
-        env = {"PATH": os.environ["PATH"], "JOB_COMPLETION_INDEX": str(index), **s3_env}
+        env = {"PATH": os.environ["PATH"], "JOB_COMPLETION_INDEX": str(index), **s3_env,
+               "CVTK_TEST_POD": str(root / self.name)}  # marks this pod's processes (see end())
         for var in container.get("env", []):
             if "value" in var:
                 value = var["value"]
@@ -117,7 +118,20 @@ class Pod:
         code = self.proc.wait()
         self.killer.cancel()
         self.log.close()
+        self.end()
         return code
+
+    def end(self):
+        """A container's processes die with its PID 1; here, a worker the agent left behind (in a session of
+        its own, so not in the pod's process group) would live on: every process marked as this pod's is
+        killed, by PID. (CI found two such workers still waiting 39 minutes after their test.)"""
+        marker = f"CVTK_TEST_POD={self.dir}".encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if marker in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                continue
 
 
 def wait_for(pods, marker, timeout=600):
