@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 PARALLEL = int(os.environ.get("CVTK_JOB_S3_PARALLEL", "16"))
 # Below this, one GET is cheaper than s3transfer's multipart machinery (threads per file).
 SMALL_OBJECT_BYTES = 8 * 2**20
+# An object named by a COCO file is checked against S3 (a conditional GET) at every staging, except when it
+# was checked this recently: the other processes of a job on one node stage right after the first one.
+FRESH_SECONDS = float(os.environ.get("CVTK_JOB_S3_FRESH_SECONDS", "60"))
 # Bounded retries: a restarting server (seconds) is waited out; an unreachable endpoint fails within
 # about RETRY_SECONDS instead of hanging. botocore retries quickly inside each of our attempts.
 RETRY_SECONDS = float(os.environ.get("CVTK_JOB_S3_RETRY_SECONDS", "45"))
@@ -264,7 +267,7 @@ def _cached(local, size, etag):
     try:
         with open(_meta_path(local)) as fh:
             meta = json.load(fh)
-        return meta == {"size": size, "etag": etag} and os.path.getsize(local) == size
+        return meta.get("size") == size and meta.get("etag") == etag and os.path.getsize(local) == size
     except (OSError, ValueError):
         return False
 
@@ -352,6 +355,13 @@ def _fetch_named(uri, local, budget):
             meta = None
     except (OSError, ValueError, AttributeError):
         meta = None
+    if meta and time.time() - meta.get("checked", 0) < FRESH_SECONDS:
+        return False  # checked moments ago, by the process of this job that staged first on this node
+
+    def remember(size, etag):
+        os.makedirs(os.path.dirname(_meta_path(local)), exist_ok=True)
+        with open(_meta_path(local), "w") as fh:
+            json.dump({"size": size, "etag": etag, "checked": time.time()}, fh)
 
     def get():
         try:
@@ -360,6 +370,7 @@ def _fetch_named(uri, local, budget):
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = err.response.get("Error", {}).get("Code")
             if status == 304 or code in ("304", "NotModified"):
+                remember(meta["size"], meta["etag"])
                 return False
             if status == 404 or code in ("NoSuchKey", "404"):
                 raise _Missing(uri) from None
@@ -374,9 +385,7 @@ def _fetch_named(uri, local, budget):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        os.makedirs(os.path.dirname(_meta_path(local)), exist_ok=True)
-        with open(_meta_path(local), "w") as fh:
-            json.dump({"size": reply["ContentLength"], "etag": reply["ETag"]}, fh)
+        remember(reply["ContentLength"], reply["ETag"])
         return True
 
     return _call(uri, get, _budget=budget)

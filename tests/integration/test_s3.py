@@ -290,7 +290,10 @@ def test_a_coco_file_at_the_bucket_root_fetches_exactly_what_it_names(s3_server,
     args = ["train", "--label", small_data / "label.txt", "--train", f"s3://{name}/segm.json", "--output_weights",
             tmp_path / "out" / "x.pth", *SPEED, "--model", TINY_MODELS["segm"], "--dry_run"]
     with CountingProxy(s3_server.endpoint) as proxy:
-        env = {**env_for(s3_server, tmp_path), "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        # 0: check every time (by default an object checked in the last minute, by another process of the same
+        # job on this node, is not asked for again).
+        env = {**env_for(s3_server, tmp_path), "AWS_ENDPOINT_URL_S3": proxy.endpoint,
+               "CVTK_JOB_S3_FRESH_SECONDS": "0"}
         first = run_cli(*args, env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         second = run_cli(*args, env=env)
