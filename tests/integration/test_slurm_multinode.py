@@ -81,16 +81,11 @@ def test_two_nodes_train_then_a_usr1_requeues_and_finishes_every_epoch_once(slur
         time.sleep(0.5)
     # What --signal=B:USR1@… does before the time limit: USR1 to the batch shell, which passes it on.
     assert slurm2.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
-    released = False
+    # Slurm holds the requeued job (BeginTime) before starting it again. Not released early: started at once,
+    # slurmd killed it ("Job credential revoked": the first attempt's credential; seen in CI).
     while job_info(slurm2, job)[0] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
         assert time.time() < deadline, job_info(slurm2, job)
-        state, restarts = job_info(slurm2, job)
-        if not released and restarts and state == "PENDING" and \
-                "Reason=BeginTime" in slurm2.run("scontrol", "show", "job", job).stdout:
-            # slurmctld holds a requeued batch job for ~2 minutes (BeginTime); an operator may release it
-            # at once, and the test does, so that its time goes to cvtk-job rather than to that hold.
-            released = slurm2.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
-        time.sleep(0.5)
+        time.sleep(1)
     log = (tmp_path / f"cvtk-train-multinode-{job}.out").read_text()
     assert job_info(slurm2, job) == ("COMPLETED", 1), log[-4000:]
     assert "distributed: rank 0 of 2" in log and "distributed: rank 1 of 2" in log
