@@ -76,14 +76,7 @@ def load_labels(path):
     if path.endswith(".json"):
         labels = _json_labels(path, read_json(path))
     else:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            line = raw[:err.start].count(b"\n") + 1
-            raise UserError(f"{path}: line {line}: not UTF-8 text ({err.reason} at byte {err.start}); save the "
-                            "label file as UTF-8, one class name per line") from None
+        text = read_text(path, path, "save the label file as UTF-8, one class name per line")
         labels = [line.strip() for line in text.splitlines() if line.strip()]
     if not labels:
         raise UserError(f"{path}: the label file lists no class names; write one class name per line")
@@ -93,6 +86,18 @@ def load_labels(path):
             raise UserError(f"{path}: class '{name}' is listed twice; every class name must be unique")
         seen.add(name)
     return labels
+
+
+def read_text(path, shown, fix):
+    """A small text file a user wrote (label file, list of images): UTF-8 with or without a byte-order mark
+    (Windows editors), any line ends; anything else is one line naming the line where it stops being UTF-8."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise UserError(f"{shown}: line {line}: not UTF-8 text ({err.reason} at byte {err.start}); {fix}") from None
 
 
 def _json_labels(path, data):

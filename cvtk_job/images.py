@@ -53,14 +53,7 @@ def _from_folder(folder):
 def list_entries(list_file, name=None):
     """(line number, image path) of a list file: first tab-separated column (cvtk's lists may carry more),
     no blanks or comments; UTF-8 with or without a byte-order mark, LF or CRLF."""
-    with open(list_file, "rb") as fh:
-        raw = fh.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise UserError(f"{name or list_file}: line {line}: not UTF-8 text; save the list of images as UTF-8, "
-                        "one path per line") from None
+    text = coco.read_text(list_file, name or list_file, "save the list of images as UTF-8, one path per line")
     entries = [(k, line.split("\t")[0].strip()) for k, line in enumerate(text.splitlines(), 1)]
     return [(k, e) for k, e in entries if e and not e.startswith("#")]
 
