@@ -1,32 +1,28 @@
 """Local paths and `s3://bucket/key` URIs. The only module that imports boto3.
 
 Transport only (COCO staging lives in `coco`, done markers in `artifacts`). Inputs are staged in to a
-local cache that mirrors the bucket's layout (so relative `file_name`s in a staged COCO JSON resolve to
+local cache that mirrors the endpoint's buckets (so relative `file_name`s in a staged COCO JSON resolve to
 the staged images): objects named by a file are fetched one request each, conditional on the cached
 ETag; a prefix is listed once and only what the listing holds is used, skipping unchanged objects.
-Every transfer of one call shares one retry deadline, and the first failure stops the others.
-Outputs are written locally and uploaded: S3 makes an object visible only once it is complete.
-Credentials and endpoint come from boto3's standard chain (environment, profile, web identity,
-instance role; `AWS_ENDPOINT_URL(_S3)`); nothing here ever prints them.
+Object data moves through `transfer.Engine` (one CRT client, one deadline per call, the first failure
+stops the others); boto3 lists, HEADs and deletes. Outputs are written locally and uploaded: S3 makes
+an object visible only once it is complete. Credentials and endpoint come from boto3's standard chain
+(environment, profile, web identity, instance role; `AWS_ENDPOINT_URL(_S3)`); nothing here prints them.
 """
 
-import concurrent.futures
 import contextlib
 import json
 import logging
 import os
 import posixpath
-import sys
 import threading
 import time
+import urllib.parse
 
 from . import names
 from .errors import StorageError, UserError
 
 log = logging.getLogger(__name__)
-PARALLEL = int(os.environ.get("CVTK_JOB_S3_PARALLEL", "16"))
-# Below this, one GET is cheaper than s3transfer's multipart machinery (threads per file).
-SMALL_OBJECT_BYTES = 8 * 2**20
 # An object named by a COCO file is checked against S3 (a conditional GET) at every staging, except when it
 # was checked this recently: the other processes of a job on one node stage right after the first one.
 FRESH_SECONDS = float(os.environ.get("CVTK_JOB_S3_FRESH_SECONDS", "60"))
@@ -86,11 +82,11 @@ def _mirror(area, uri):
     problem = names.key_problem(key)
     if problem:
         raise UserError(f"{uri}: {problem}; rename the object (or the prefix) without '..'")
-    return os.path.join(cache_root(), area, bucket, *key.split("/"))
+    return os.path.join(cache_root(), area, endpoint_name(), bucket, *key.split("/"))
 
 
 def cache_path(uri):
-    """Where an object is cached locally: <cache>/s3/<bucket>/<key> (mirrors the bucket)."""
+    """Where an object is cached locally: <cache>/s3/<endpoint>/<bucket>/<key> (mirrors the bucket)."""
     return _mirror("s3", uri)
 
 
@@ -104,21 +100,49 @@ def staging_path(uri):
 
 
 _client_lock = threading.Lock()
-_client = None
+_client = None  # (boto3 client, its session's credentials, the transfer engine made from them, or None)
 
 
-def client():
+def _clients():
     global _client
     with _client_lock:
         if _client is None:
             import boto3
+            import botocore.session
             from botocore.config import Config
 
-            _client = boto3.session.Session().client("s3", config=Config(
+            core = botocore.session.get_session()
+            # Timestamps stay text: nothing here reads them, and parsing LastModified with dateutil is a third of
+            # the client time of listing 10,000 objects.
+            core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+            session = boto3.session.Session(botocore_session=core)
+            boto = session.client("s3", config=Config(
                 retries={"total_max_attempts": BOTO_ATTEMPTS, "mode": "standard"},
-                connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                max_pool_connections=PARALLEL + 4))
+                connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S))
+            _client = [boto, session.get_credentials(), None]
         return _client
+
+
+def client():
+    """boto3's S3 client: listings, HEADs, deletes (object data goes through `engine()`)."""
+    return _clients()[0]
+
+
+def engine():
+    """The process's transfer engine (cvtk_job.transfer), on the same endpoint and credentials as `client()`."""
+    from . import transfer
+
+    clients = _clients()
+    with _client_lock:
+        if clients[2] is None:
+            clients[2] = transfer.Engine(clients[0], clients[1])
+        return clients[2]
+
+
+def endpoint_name():
+    """The endpoint as a folder name (host and port): the cache keeps two servers' same-named buckets apart."""
+    netloc = urllib.parse.urlsplit(client().meta.endpoint_url).netloc
+    return netloc.replace(":", "_").replace("@", "_") or "default"
 
 
 def translate(err, uri):
@@ -157,23 +181,9 @@ def translate(err, uri):
     return None
 
 
-class Budget:
-    """One retry deadline and one cancellation shared by every transfer of a call (a staging, a sync): when the
-    server is gone, 10,000 queued objects fail together within RETRY_SECONDS, not each after its own budget."""
-
-    def __init__(self, seconds=None):
-        self.start = time.monotonic()
-        self.deadline = self.start + (RETRY_SECONDS if seconds is None else seconds)
-        self.failed = threading.Event()
-
-    def elapsed(self):
-        return time.monotonic() - self.start
-
-
-def _call(uri, fn, *args, _budget=None, **kwargs):
-    """Run an S3 operation; retry storage failures with backoff until the budget's deadline (RETRY_SECONDS
-    from now without one), and not at all once another transfer of the same budget has failed."""
-    budget = _budget or Budget()
+def _call(uri, fn, *args, **kwargs):
+    """Run one S3 metadata operation (list, head, delete); retry storage failures with backoff for RETRY_SECONDS."""
+    deadline = time.monotonic() + RETRY_SECONDS
     delay = 0.5
     while True:
         try:
@@ -184,38 +194,13 @@ def _call(uri, fn, *args, _budget=None, **kwargs):
                 raise
             # Keep trying until the whole budget is spent (the last wait is cut short to end on it), so the
             # error's "for N s" is true and a brief outage near the end of the budget still gets one more try.
-            remaining = budget.deadline - time.monotonic()
-            if isinstance(mapped, UserError) or remaining <= 0 or budget.failed.is_set():
+            remaining = deadline - time.monotonic()
+            if isinstance(mapped, UserError) or remaining <= 0:
                 raise mapped from None
             wait = min(delay, remaining)
             log.warning("%s: %s; retrying in %.1f s", uri, type(err).__name__, wait)
-            if budget.failed.wait(wait):
-                raise mapped from None
+            time.sleep(wait)
             delay = min(delay * 2, 8.0)
-
-
-def _parallel(jobs, what, on_done=None):
-    """Run `jobs` ({key: fn(budget)}) on PARALLEL threads with one Budget; the first failure cancels the queued
-    jobs and stops the running ones' retries, and is raised naming its object and the time spent."""
-    budget = Budget()
-    pool = concurrent.futures.ThreadPoolExecutor(PARALLEL)
-    try:
-        futures = {pool.submit(fn, budget): key for key, fn in jobs.items()}
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                future.result()
-            except BaseException as err:
-                budget.failed.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-                if isinstance(err, StorageError):
-                    raise StorageError(f"{err} ({what}: stopped after {budget.elapsed():.0f} s, "
-                                       f"{sum(f.done() and not f.cancelled() for f in futures)} of {len(futures)} "
-                                       "finished)") from None
-                raise
-            if on_done:
-                on_done(futures[future])
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def head(uri):
@@ -259,56 +244,83 @@ def list_objects(prefix_uri):
 # Stage in
 
 
-def _meta_path(local):
-    return os.path.join(os.path.dirname(local), ".cvtk-s3", os.path.basename(local) + ".json")
+# The cache's record of what each file is (size, ETag, when it was last checked against S3): one small JSON per
+# cache folder, written after the files it describes are in place, so a record is never newer than its file.
+INDEX = ".cvtk-s3.json"
 
 
-def _cached(local, size, etag):
+class _Index:
+    """The records of the cache folders one staging touches, loaded once per folder and saved once at the end
+    (one file per folder instead of one per object: 10,000 records are one write, not 10,000)."""
+
+    def __init__(self):
+        self._folders, self._dirty = {}, set()
+
+    def _folder(self, folder):
+        if folder not in self._folders:
+            try:
+                with open(os.path.join(folder, INDEX), encoding="utf-8") as fh:
+                    records = json.load(fh)
+                self._folders[folder] = records if isinstance(records, dict) else {}
+            except (OSError, ValueError):
+                self._folders[folder] = {}
+        return self._folders[folder]
+
+    def get(self, local):
+        """The record of a cached file, or None when there is none or the file no longer matches its size."""
+        record = self._folder(os.path.dirname(local)).get(os.path.basename(local))
+        try:
+            if isinstance(record, dict) and os.path.getsize(local) == record.get("size"):
+                return record
+        except OSError:
+            pass
+        return None
+
+    def put(self, local, size, etag):
+        folder = os.path.dirname(local)
+        self._folder(folder)[os.path.basename(local)] = {"size": size, "etag": etag, "checked": time.time()}
+        self._dirty.add(folder)
+
+    def save(self):
+        for folder in self._dirty:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f"{INDEX}.part-{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(self._folders[folder], fh, separators=(",", ":"))
+            os.replace(tmp, os.path.join(folder, INDEX))
+        self._dirty.clear()
+
+
+def _transfer(items, what, index=None, total_bytes=None):
+    """Run items on the engine; the index records every object fetched, also when the call fails half-way."""
+    from . import transfer
+
+    def on_item(item):
+        if index is not None and item.op == transfer.GET:
+            if item.result == "done":
+                index.put(item.path, item.size, item.etag)
+            elif item.result == "unchanged":
+                index.put(item.path, *(lambda r: (r["size"], r["etag"]))(index.get(item.path)))
+
     try:
-        with open(_meta_path(local)) as fh:
-            meta = json.load(fh)
-        return meta.get("size") == size and meta.get("etag") == etag and os.path.getsize(local) == size
-    except (OSError, ValueError):
-        return False
-
-
-def _get_small(bucket, key, path):
-    body = client().get_object(Bucket=bucket, Key=key)["Body"]
-    with open(path, "wb") as fh:
-        for chunk in body.iter_chunks(1 << 20):
-            fh.write(chunk)
-
-
-def _download(uri, local, size, etag, budget=None):
-    bucket, key = split(uri)
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = f"{local}.part-{os.getpid()}-{threading.get_ident()}"
-    try:
-        if size < SMALL_OBJECT_BYTES:
-            _call(uri, _get_small, bucket, key, tmp, _budget=budget)
-        else:
-            _call(uri, client().download_file, bucket, key, tmp, _budget=budget)
-        os.replace(tmp, local)
+        engine().run(items, what, RETRY_SECONDS, on_item=on_item, total_bytes=total_bytes)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    os.makedirs(os.path.dirname(_meta_path(local)), exist_ok=True)
-    with open(_meta_path(local), "w") as fh:
-        json.dump({"size": size, "etag": etag}, fh)
+        if index is not None:
+            index.save()
 
 
 def stage_objects(objects, what="files"):
-    """Download {uri: (size, etag)} into the cache in parallel, skipping unchanged ones; {uri: local}."""
-    local = {uri: cache_path(uri) for uri in objects}
-    todo = [uri for uri in objects if not _cached(local[uri], *objects[uri])]
-    if todo:
-        total = sum(objects[u][0] for u in todo)
-        from tqdm import tqdm
+    """Download {uri: (size, etag)} (a listing) into the cache, skipping files whose record matches; {uri: local}."""
+    from . import transfer
 
-        with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc=f"staging {len(todo)} {what}",
-                  disable=None) as bar:
-            jobs = {uri: (lambda budget, uri=uri: _download(uri, local[uri], *objects[uri], budget)) for uri in todo}
-            _parallel(jobs, f"staging {len(todo)} {what}", on_done=lambda uri: bar.update(objects[uri][0]))
+    local = {uri: cache_path(uri) for uri in objects}
+    index = _Index()
+    todo = [uri for uri in objects if (lambda r, m: not r or (r["size"], r["etag"]) != m)(index.get(local[uri]),
+                                                                                           tuple(objects[uri]))]
+    if todo:
+        _transfer([transfer.Item(transfer.GET, uri, local[uri], size=objects[uri][0], etag=objects[uri][1])
+                   for uri in todo], f"staging {len(todo)} {what}",
+                  index, total_bytes=sum(objects[u][0] for u in todo))
     log.info("staged %d %s (%d downloaded, %d unchanged in the cache)", len(objects), what, len(todo),
              len(objects) - len(todo))
     return local
@@ -337,82 +349,28 @@ def safe_relative(name, where):
     return posixpath.normpath(name)
 
 
-class _Missing(Exception):
-    pass
-
-
-def _fetch_named(uri, local, budget):
-    """GET one object into the cache, conditional on the cached copy's ETag (304: keep it): one request per
-    object, whatever the cache holds, and the cache is checked against S3 every time."""
-    from botocore.exceptions import ClientError
-
-    bucket, key = split(uri)
-    meta = None
-    try:
-        with open(_meta_path(local)) as fh:
-            meta = json.load(fh)
-        if os.path.getsize(local) != meta.get("size"):
-            meta = None
-    except (OSError, ValueError, AttributeError):
-        meta = None
-    if meta and time.time() - meta.get("checked", 0) < FRESH_SECONDS:
-        return False  # checked moments ago, by the process of this job that staged first on this node
-
-    def remember(size, etag):
-        os.makedirs(os.path.dirname(_meta_path(local)), exist_ok=True)
-        with open(_meta_path(local), "w") as fh:
-            json.dump({"size": size, "etag": etag, "checked": time.time()}, fh)
-
-    def get():
-        try:
-            reply = client().get_object(Bucket=bucket, Key=key, **({"IfNoneMatch": meta["etag"]} if meta else {}))
-        except ClientError as err:
-            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = err.response.get("Error", {}).get("Code")
-            if status == 304 or code in ("304", "NotModified"):
-                remember(meta["size"], meta["etag"])
-                return False
-            if status == 404 or code in ("NoSuchKey", "404"):
-                raise _Missing(uri) from None
-            raise
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        tmp = f"{local}.part-{os.getpid()}-{threading.get_ident()}"
-        try:
-            with open(tmp, "wb") as fh:
-                for chunk in reply["Body"].iter_chunks(1 << 20):
-                    fh.write(chunk)
-            os.replace(tmp, local)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        remember(reply["ContentLength"], reply["ETag"])
-        return True
-
-    return _call(uri, get, _budget=budget)
-
-
 def stage_many(base_uri, names, where):
-    """Stage base_uri/<name> for every name: exactly those objects, one request each (no listing of the folder,
-    which for a JSON at the bucket root is the whole bucket); {uri: local path}."""
+    """Stage base_uri/<name> for every name: exactly those objects, one GET each, conditional on the cached copy's
+    ETag (304: keep it), so the cache is checked against S3 every time without listing the folder (for a JSON at
+    the bucket root, the whole bucket). An object checked within FRESH_SECONDS is not asked again: the other
+    processes of a job on one node stage right after the first. {uri: local path}."""
+    from . import transfer
+
     uris = sorted({join(base_uri, safe_relative(n, where)) for n in names})
     local = {uri: cache_path(uri) for uri in uris}
-    missing, fetched = [], []
-
-    def job(uri):
-        def run(budget):
-            try:
-                if _fetch_named(uri, local[uri], budget):
-                    fetched.append(uri)
-            except _Missing:
-                missing.append(uri)
-        return run
-
-    _parallel({uri: job(uri) for uri in uris}, f"staging {len(uris)} images")
+    index, items = _Index(), []
+    for uri in uris:
+        record = index.get(local[uri])
+        if record and time.time() - record.get("checked", 0) < FRESH_SECONDS:
+            continue
+        items.append(transfer.Item(transfer.GET, uri, local[uri], if_none_match=record and record.get("etag")))
+    _transfer(items, f"staging {len(uris)} images", index)
+    missing = [item.uri for item in items if item.result == "missing"]
     if missing:
         raise UserError(f"{where}: {len(missing)} referenced file(s) not on S3, e.g. {sorted(missing)[0]}; upload "
                         "them or fix the file names")
-    log.info("staged %d images (%d downloaded, %d unchanged in the cache)", len(uris), len(fetched),
-             len(uris) - len(fetched))
+    fetched = sum(item.result == "done" for item in items)
+    log.info("staged %d images (%d downloaded, %d unchanged in the cache)", len(uris), fetched, len(uris) - fetched)
     return local
 
 
@@ -442,12 +400,10 @@ class Outbox:
         rel = os.path.relpath(path, self.local_root).replace(os.sep, "/")
         return f"{self.remote_root}/{rel}"
 
-    def _upload(self, path, uri, budget=None):
-        bucket, key = split(uri)
-        _call(uri, client().upload_file, path, bucket, key, _budget=budget)
-
     def sync(self, paths):
-        """Upload the given files (those that changed since their last upload), in parallel."""
+        """Upload the given files (those that changed since their last upload), in parallel, on the engine."""
+        from . import transfer
+
         todo = []
         for path in paths:
             if not os.path.isfile(path):
@@ -455,8 +411,9 @@ class Outbox:
             stamp = (os.path.getsize(path), os.path.getmtime(path))
             if self._sent.get(path) != stamp:
                 todo.append((path, stamp))
-        _parallel({path: (lambda budget, path=path: self._upload(path, self._remote(path), budget))
-                   for path, _ in todo}, f"uploading {len(todo)} files")
+        if todo:
+            _transfer([transfer.Item(transfer.PUT, self._remote(p), p) for p, _ in todo],
+                      f"uploading {len(todo)} files", total_bytes=sum(stamp[0] for _, stamp in todo))
         for path, stamp in todo:
             self._sent[path] = stamp
         return [self._remote(p) for p, _ in todo]

@@ -26,6 +26,11 @@ def env_for(server, tmp_path, **extra):
     return {**server.env(), "CVTK_JOB_CACHE": str(tmp_path / "cache"), **extra}
 
 
+def cached(root, area, server):
+    """<cache>/<area>/<endpoint>/: where cvtk-job keeps objects ("s3") or outputs ("outputs") of this server."""
+    return root / "cache" / area / server.endpoint.split("//")[1].replace(":", "_")
+
+
 def s3_train_args(bucket, out_prefix, *extra):
     d = f"s3://{bucket}/strawberry"
     return ["train", "--label", f"{d}/label.txt", "--train", f"{d}/train/segm.json", "--valid",
@@ -96,7 +101,7 @@ def test_resume_from_s3_on_a_fresh_machine(s3_server, bucket, tmp_path):
     assert "Epoch(train) [3]" not in second.stderr and "Epoch(train) [4]" in second.stderr
     rows = s3_server.client().get_object(Bucket=bucket, Key="run/strawberry.train_stats.train.txt")["Body"]
     assert [line.split("\t")[0] for line in rows.read().decode().splitlines()[1:]] == ["1", "2", "3", "4"]
-    workspace = tmp_path / "machine2" / "cache" / "outputs" / bucket / "run" / "strawberry"
+    workspace = cached(tmp_path / "machine2", "outputs", s3_server) / bucket / "run" / "strawberry"
     local = _epoch_checkpoints(workspace.iterdir())
     assert local == ["epoch_3.pth", "epoch_4.pth"]  # max_keep_ckpts=2
     assert _epoch_checkpoints(s3_server.keys(bucket, "run/strawberry/")) == local  # epoch_1, epoch_2 removed
@@ -189,7 +194,7 @@ def test_server_restart_during_training_uploads_does_not_fail_the_run(tmp_path, 
         proc = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"),
                                  *map(str, s3_train_args(name, "out", "--epoch", "2"))],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        workspace = tmp_path / "cache" / "outputs" / name / "out" / "strawberry"
+        workspace = cached(tmp_path, "outputs", server) / name / "out" / "strawberry"
         deadline = time.time() + 600
         while not (workspace / "epoch_1.pth").exists():
             assert proc.poll() is None and time.time() < deadline
@@ -254,9 +259,9 @@ def test_server_stopped_while_5000_objects_stage_is_exit_3_within_the_budget(tmp
                                  str(small_data / "label.txt"), "--data", f"s3://{name}/many/", "--model_weights",
                                  str(trained_segm), "--output", str(tmp_path / "out"), "--device", "cpu"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        cached = tmp_path / "cache" / "s3" / name / "many"
+        staged = cached(tmp_path, "s3", server) / name / "many"
         deadline = time.time() + 300
-        while not (cached.is_dir() and len(list(cached.glob("*.jpg"))) >= 20):
+        while not (staged.is_dir() and len(list(staged.glob("*.jpg"))) >= 20):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.05)
         server.stop()
@@ -269,7 +274,7 @@ def test_server_stopped_while_5000_objects_stage_is_exit_3_within_the_budget(tmp
     assert elapsed < budget + 10, f"{elapsed:.1f} s after the server stopped"
     errors = [line for line in err.splitlines() if "error: " in line]
     assert len(errors) == 1 and f"s3://{name}/many/" in errors[0] and "stopped after" in errors[0], err[-3000:]
-    assert len(list(cached.glob("*.jpg"))) < 5000
+    assert len(list(staged.glob("*.jpg"))) < 5000
     assert not (tmp_path / "out").exists()
 
 

@@ -45,12 +45,66 @@ def test_a_prefix_of_more_than_1000_objects_is_listed_completely(s3_server, stor
 
 
 def test_an_object_above_the_multipart_threshold_goes_both_ways_intact(s3_server, store, tmp_path):
+    from cvtk_job import transfer
+
     storage, proxy, bucket = store
     big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(storage.SMALL_OBJECT_BYTES * 2 + 12345))
+    big.write_bytes(os.urandom(transfer.PART_BYTES * 2 + 12345))
     outbox = storage.Outbox(str(tmp_path), f"s3://{bucket}/up")
     outbox.sync([str(big)])
     uploads = [q for m, p, q in proxy.queries if m == "PUT" and p == f"/{bucket}/up/big.bin" and "partNumber" in q]
     assert len(uploads) >= 2  # a multipart upload
     local = storage.stage_file(f"s3://{bucket}/up/big.bin")
     assert hashlib.sha256(open(local, "rb").read()).digest() == hashlib.sha256(big.read_bytes()).digest()
+
+
+def test_the_cache_keeps_two_endpoints_apart(s3_server, store, tmp_path):
+    """The same bucket and key behind two endpoints are two objects: each gets its own cache folder."""
+    storage, proxy, bucket = store
+    s3_server.client().put_object(Bucket=bucket, Key="a/x.jpg", Body=b"through the proxy")
+    via_proxy = storage.stage_file(f"s3://{bucket}/a/x.jpg")
+    storage._client = None
+    os.environ["AWS_ENDPOINT_URL_S3"] = s3_server.endpoint  # restored by the fixture's monkeypatch
+    direct = storage.stage_file(f"s3://{bucket}/a/x.jpg")
+    assert via_proxy != direct
+    assert proxy.endpoint.split("//")[1].replace(":", "_") in via_proxy
+    assert s3_server.endpoint.split("//")[1].replace(":", "_") in direct
+    assert open(direct, "rb").read() == open(via_proxy, "rb").read() == b"through the proxy"
+
+
+def test_a_missing_named_object_is_one_error_and_the_others_are_fetched_once(s3_server, store):
+    from cvtk_job.errors import UserError
+
+    storage, proxy, bucket = store
+    client = s3_server.client()
+    for i in range(40):
+        client.put_object(Bucket=bucket, Key=f"n/{i:02d}.jpg", Body=b"%d" % i)
+    with pytest.raises(UserError, match=rf"1 referenced file\(s\) not on S3, e\.g\. s3://{bucket}/n/99\.jpg"):
+        storage.stage_many(f"s3://{bucket}/n", [f"{i:02d}.jpg" for i in [*range(40), 99]], "list.txt")
+    gets = proxy.gets(f"/{bucket}/n/")
+    assert gets == {f"/{bucket}/n/{i:02d}.jpg": 1 for i in [*range(40), 99]}  # one GET each, no listing
+    assert proxy.listings() == []
+
+
+def test_long_transfers_log_progress_with_files_bytes_and_time_left(s3_server, store, monkeypatch, caplog):
+    import logging
+
+    from cvtk_job import transfer
+
+    storage, proxy, bucket = store
+    client = s3_server.client()
+    for i in range(300):
+        client.put_object(Bucket=bucket, Key=f"p/{i:03d}.jpg", Body=b"x" * 10_000)
+    monkeypatch.setattr(transfer, "PROGRESS_SECONDS", 0.0)  # a line at every turn of the loop
+    monkeypatch.setattr(transfer, "WINDOW", 8)  # many turns
+    with caplog.at_level(logging.INFO, logger="cvtk_job.storage"):
+        storage.stage_prefix(f"s3://{bucket}/p/", keep=lambda uri: True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("staging 300 images: ")]
+    assert len(lines) >= 2, [r.getMessage() for r in caplog.records]
+    import re
+
+    counts = [re.fullmatch(r"staging 300 images: ([\d,]+) of 300 files, ([\d,]+) of 3 MiB, [\d.,]+ MiB/s"
+                           r"(, about [\d,]+ s left)?", line) for line in lines]
+    assert all(counts), lines
+    files = [int(m.group(1).replace(",", "")) for m in counts]
+    assert files == sorted(files) and files[-1] <= 300

@@ -1,0 +1,37 @@
+"""transfer.Progress: the numbers of the progress line (the engine itself is tested against the real server in
+tests/integration/test_storage.py and test_s3.py)."""
+
+from cvtk_job import transfer
+
+
+def test_progress_line_estimates_the_time_left_from_bytes_when_sizes_are_known(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(transfer.time, "monotonic", lambda: clock[0])
+    p = transfer.Progress("staging 10 images", 10, total_bytes=100 * 2**20)
+    clock[0] += 4.0
+    p.add(nbytes=25 * 2**20, files=2)
+    # 25 MiB in 4 s = 6.25 MiB/s; 75 MiB left = 12 s
+    assert p.line() == "staging 10 images: 2 of 10 files, 25 of 100 MiB, 6.2 MiB/s, about 12 s left"
+
+
+def test_progress_line_estimates_from_files_when_sizes_are_unknown(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(transfer.time, "monotonic", lambda: clock[0])
+    p = transfer.Progress("staging 1000 images", 1000)
+    assert p.line() == "staging 1000 images: 0 of 1,000 files, 0 MiB, 0.0 MiB/s"
+    clock[0] += 10.0
+    p.add(nbytes=2**20, files=250)
+    assert p.line() == "staging 1000 images: 250 of 1,000 files, 1 MiB, 0.1 MiB/s, about 30 s left"
+
+
+def test_progress_logs_at_most_once_per_period(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(transfer.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(transfer, "PROGRESS_SECONDS", 10.0)
+    logged = []
+    monkeypatch.setattr(transfer.log, "info", lambda fmt, line: logged.append(line))
+    p = transfer.Progress("uploading 3 files", 3, total_bytes=3)
+    for t in (1, 5, 9.9, 10, 12, 19, 20.5):
+        clock[0] = t
+        p.maybe_log()
+    assert len(logged) == 2  # at 10 and at 20.5
