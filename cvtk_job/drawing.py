@@ -14,8 +14,9 @@ def class_color(index):
     return int(b * 255), int(g * 255), int(r * 255)
 
 
-def draw(image, found, class_names, masks=None):
-    """image: BGR uint8 (H, W, 3); found: detections (bbox xywh, score, label); masks: (H, W, N), nonzero inside.
+def draw(image, found, class_names, masks=None, crops=None):
+    """image: BGR uint8 (H, W, 3); found: detections (bbox xywh, score, label); masks: (H, W, N), nonzero inside;
+    or crops: one (bool mask crop, x0, y0) per detection (tiled prediction: no full-image mask exists).
 
     A mask is blended only inside its box (plus a pixel of margin) when it lies there, as Mask R-CNN's
     masks do: blending the box rather than the whole image made drawing ~5x faster with 100 detections.
@@ -38,6 +39,12 @@ def draw(image, found, class_names, masks=None):
             if np.count_nonzero(inside) != np.count_nonzero(masks[:, :, i]):  # not a Mask R-CNN mask: all of it
                 crop, inside = out, masks[:, :, i].astype(bool)
             crop[inside] = (crop[inside] * (1 - MASK_ALPHA) + color * MASK_ALPHA).astype(np.uint8)
+    for det, (crop_mask, x0, y0) in zip(found, crops or [], strict=bool(crops)):
+        color = np.array(class_color(det["label"]), dtype=np.float32)
+        h, w = crop_mask.shape
+        x1, y1 = min(width, x0 + w), min(height, y0 + h)
+        region, inside = out[y0:y1, x0:x1], crop_mask[:y1 - y0, :x1 - x0]
+        region[inside] = (region[inside] * (1 - MASK_ALPHA) + color * MASK_ALPHA).astype(np.uint8)
     for det in found:
         color = class_color(det["label"])
         x, y, w, h = det["bbox"]

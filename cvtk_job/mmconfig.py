@@ -296,7 +296,7 @@ def build_config(opts, base_config, ctx: RunContext):
         cfg.val_cfg = dict(type="ValLoop")
     else:
         cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
-    if ctx.data.test:
+    if ctx.data.test and not getattr(opts, "tile", None):  # on tiles the test step is train's own (tiled)
         cfg.test_dataloader = _eval_loader(base_eval_dataset, ctx.data.test, classes,
                                            eval_pipeline, opts)
         cfg.test_evaluator = dict(type="CvtkCocoDetections", ann_file=ctx.data.test,

@@ -241,18 +241,9 @@ class CvtkCocoDetections(BaseMetric):
     def compute_metrics(self, results):
         with open(self.ann_file, encoding="utf-8") as fh:
             gt = json.load(fh)
-        categories = sorted(gt["categories"], key=lambda c: c["id"])
-        annotations = []
-        for image_id, detections in sorted(results, key=lambda r: r[0]):
-            for det in detections:
-                ann = {"id": len(annotations) + 1, "image_id": image_id,
-                       "category_id": categories[det.pop("label")]["id"], "iscrowd": 0}
-                ann.update(det)
-                annotations.append(ann)
-        images = [{k: img[k] for k in ("id", "file_name", "width", "height")} for img in gt["images"]]
-        artifacts.write_json(self.output_file, {"images": images, "categories": categories,
-                                                "annotations": annotations})
-        return {"detections": len(annotations)}
+        found = predictions.coco_results(gt, results)
+        artifacts.write_json(self.output_file, found)
+        return {"detections": len(found["annotations"])}
 
 
 def use_parsed_coco():

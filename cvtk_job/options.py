@@ -64,6 +64,11 @@ class TrainOptions:
     amp: bool = opt("mixed precision on CUDA (ignored on CPU)", False)
     image_size: Optional[List[int]] = opt("resize images to fit W H (keeping their aspect ratio)",
                                           None, nargs=2, type=int, metavar=("W", "H"))
+    tile: Optional[List[int]] = opt("train on overlapping W x H tiles of the images (annotations clipped to each "
+                                    "tile); the test step predicts on tiles of the whole images and merges, as "
+                                    "inference does, which then tiles the same way by default", None, nargs=2,
+                                    type=int, metavar=("W", "H"))
+    tile_overlap: float = opt("with --tile: how much neighbouring tiles overlap, as a fraction of a tile", 0.2)
     device: Device = opt("where to train", "auto")
     resume: str = opt("auto: continue an interrupted run of the same command; none: start over; "
                       "or a checkpoint path", "auto")
@@ -83,12 +88,21 @@ class InferenceOptions:
     output: str = opt("folder for the drawn images and instances.json")
     model_config: Optional[str] = opt("the model's config, read as data and never run (default: the config "
                                       "inside the weights); e.g. upstream cvtk's strawberry.py", None)
-    batch_size: int = opt("images per batch", 4)
+    batch_size: int = opt("images per batch (with --tile: tiles per batch)", 4)
     num_workers: Optional[int] = opt("image-reading worker processes (default: the CPUs available to the "
                                      "process, less one, at most 8)", None)
     score_threshold: float = opt("keep detections scoring at least this", 0.5)
     device: Device = opt("where to run", "auto")
     no_draw: bool = opt("write instances.json only, no drawn images", False)
+    tile: Optional[List[int]] = opt("cut each image into overlapping tiles of W x H pixels, predict on the tiles "
+                                    "and merge the detections (for large images with small objects); default: "
+                                    "the tiles the weights were trained on, if any; 0 0: the whole image", None,
+                                    nargs=2, type=int, metavar=("W", "H"))
+    tile_overlap: Optional[float] = opt("with --tile: how much neighbouring tiles overlap, as a fraction of a "
+                                        "tile; make it larger than the objects (default: the weights' setting, "
+                                        "else 0.2)", None)
+    no_full_image: bool = opt("with --tile: skip the pass on the whole image (scaled down), which finds the "
+                              "objects larger than a tile", False)
     dry_run: bool = opt("check everything a run would (label file, weights, config, images staged) and print "
                         "the plan as JSON; predicts nothing, writes no outputs", False)
 

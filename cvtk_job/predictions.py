@@ -57,6 +57,21 @@ def detections(pred, height, width, with_mask=True, score_threshold=0.0, masks=N
     return found
 
 
+def coco_results(gt, results):
+    """[(image_id, detections)] of a test set → COCO JSON with the ground truth's image and category ids (what
+    train writes as test_outputs.coco.json, whether the test step ran on whole images or on tiles)."""
+    categories = sorted(gt["categories"], key=lambda c: c["id"])
+    annotations = []
+    for image_id, detections in sorted(results, key=lambda r: r[0]):
+        for det in detections:
+            ann = {"id": len(annotations) + 1, "image_id": image_id,
+                   "category_id": categories[det.pop("label")]["id"], "iscrowd": 0}
+            ann.update(det)
+            annotations.append(ann)
+    images = [{k: img[k] for k in ("id", "file_name", "width", "height")} for img in gt["images"]]
+    return {"images": images, "categories": categories, "annotations": annotations}
+
+
 def _encode_in_box(mask, x1, x2, mask_utils):
     """COCO RLE of one (H, W) Fortran-ordered mask, reading only the columns of its box.
 

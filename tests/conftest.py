@@ -104,3 +104,21 @@ def slurm(tmp_path_factory):
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def shapes_model(tmp_path_factory):
+    """A tiny Mask R-CNN that really detects: trained (~1 min on 2 cores) on 32 synthetic 256x256 images of
+    squares and disks (tests/synthetic.py), radius 8-14 px. Returns (label file, weights)."""
+    from tests import synthetic
+
+    root = tmp_path_factory.mktemp("shapes")
+    train = synthetic.write(root / "train", 32, (256, 256), 8, (8, 14), seed=1)
+    label = root / "label.txt"
+    label.write_text("\n".join(synthetic.CLASSES) + "\n")
+    out = root / "model" / "shapes.pth"
+    result = run_cli("train", "--label", label, "--train", train, "--output_weights", out, "--model",
+                     TINY_MODELS["segm"], "--pretrained", "none", "--epoch", "6", "--batch_size", "4",
+                     "--num_workers", "1", "--image_size", "256", "256", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return label, out

@@ -17,68 +17,15 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from .. import artifacts, coco, images, launch, mmconfig, names, predictions, signals, storage
+from .. import artifacts, coco, images, launch, names, predictions, signals, storage
 from ..errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
 INSTANCES = "instances.json"
 DONE = "done.json"
-
-
-@dataclass
-class Item:
-    """One image after the worker: pipeline output, the original pixels (for drawing), or an error."""
-
-    index: int
-    data: Any = None
-    original: Any = None
-    error: Optional[str] = None
-
-
-class ImageDataset:
-    def __init__(self, refs, pipeline, keep_original):
-        self.refs, self.pipeline, self.keep_original = refs, pipeline, keep_original
-
-    def __len__(self):
-        return len(self.refs)
-
-    def __getitem__(self, index):
-        import cv2
-
-        path = self.refs[index].path
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            reason = "file not found" if not os.path.exists(path) else "not a readable image"
-            return Item(index, error=reason)
-        try:
-            data = self.pipeline(dict(img=image, img_id=index, img_path=path))
-        except Exception as err:  # noqa: BLE001 - a broken image is reported and skipped, not fatal
-            return Item(index, error=f"{type(err).__name__}: {err}")
-        return Item(index, data, image if self.keep_original else None)
-
-
-def same_size_batches(items, batch_size, max_pending):
-    """Group a stream of items into batches of equal input size, holding at most max_pending items."""
-    pending = {}
-    held = 0
-    for item in items:
-        if item.error:
-            yield [item]
-            continue
-        key = tuple(item.data["inputs"].shape)
-        bucket = pending.setdefault(key, [])
-        bucket.append(item)
-        held += 1
-        if len(bucket) == batch_size:
-            held -= len(pending.pop(key))
-            yield bucket
-        elif held > max_pending:  # many sizes at once: run the fullest bucket rather than hold more
-            key = max(pending, key=lambda k: len(pending[k]))
-            held -= len(pending[key])
-            yield pending.pop(key)
-    yield from pending.values()
+PREVIOUS = ".done.previous.json"  # a rerun's record of the last complete run's outputs, while it runs
 
 
 def _check(opts):
@@ -88,6 +35,24 @@ def _check(opts):
         raise UserError(f"--num_workers {opts.num_workers}: use 0 (read in the main process) or more")
     if not 0.0 <= opts.score_threshold <= 1.0:
         raise UserError(f"--score_threshold {opts.score_threshold}: give a score between 0 and 1")
+    if opts.tile and opts.tile != [0, 0] and min(opts.tile) < 32:
+        raise UserError(f"--tile {opts.tile[0]} {opts.tile[1]}: a tile is at least 32 x 32 pixels (0 0: no tiles)")
+    if opts.tile_overlap is not None and not 0.0 <= opts.tile_overlap < 0.9:
+        raise UserError(f"--tile_overlap {opts.tile_overlap}: give a fraction of a tile from 0 to below 0.9")
+
+
+def _tiling(opts, meta):
+    """The tiles to predict on: --tile, else the ones the weights were trained on (train --tile), else none."""
+    from .. import predictor
+
+    saved = meta.get("tile") if isinstance(meta.get("tile"), dict) else {}
+    if opts.tile == [0, 0]:
+        return None
+    size = opts.tile or ([saved["width"], saved["height"]] if saved.get("width") and saved.get("height") else None)
+    if not size:
+        return None
+    overlap = opts.tile_overlap if opts.tile_overlap is not None else float(saved.get("overlap", 0.2))
+    return predictor.Tiling(int(size[0]), int(size[1]), overlap, not opts.no_full_image)
 
 
 def _load_config(opts, config_path, meta):
@@ -111,14 +76,6 @@ def _task(meta, state_dict):
     if meta.get("task") in ("segm", "det"):
         return meta["task"]
     return "segm" if any(".mask_head." in key for key in state_dict) else "det"
-
-
-def _inference_pipeline(cfg):
-    from mmcv.transforms import Compose
-
-    steps = cfg.get("test_pipeline") or cfg.test_dataloader.dataset.pipeline
-    steps = [dict(s) for s in steps if s["type"] not in ("LoadImageFromFile", "LoadAnnotations")]
-    return Compose([dict(type="mmdet.LoadImageFromNDArray"), *steps])
 
 
 def _check_classes(labels, meta, opts):
@@ -160,6 +117,7 @@ class Decision:
     cfg: Any  # the model's config, read as data
     task: str
     categories: list
+    tiling: Any = None  # predictor.Tiling, or None: whole images
 
 
 def _check_output(output):
@@ -185,13 +143,14 @@ def decide(opts):
     with contextlib.redirect_stdout(sys.stderr):  # mmengine prints to stdout
         cfg = _load_config(opts, config_path, meta)
     categories = meta.get("categories") or [{"id": i, "name": n} for i, n in enumerate(labels)]
-    return Decision(labels, weights, cfg, _task(meta, weights["state_dict"]), categories)
+    return Decision(labels, weights, cfg, _task(meta, weights["state_dict"]), categories, _tiling(opts, meta))
 
 
 def _dry_run(opts, d, found):
     plan = {"labels": d.labels, "task": d.task, "model": d.cfg.model.get("type"),
             "config": "--model_config" if opts.model_config else "inside the weights",
             "images": len(found.images), "input": found.kind, "first": [r.name for r in found.images[:5]],
+            "tiles": dataclasses.asdict(d.tiling) if d.tiling else None,
             "output": opts.output}
     print(json.dumps({"command": "inference", "options": dataclasses.asdict(opts), "plan": plan}, indent=2))
 
@@ -219,40 +178,37 @@ def run(opts):
         output = os.path.join(output, f".rank{where.rank}")  # ranks on one machine share the cache folder
 
     import torch
-    from mmengine.dataset import pseudo_collate
-    from mmengine.registry import init_default_scope
 
-    from .. import drawing
+    from .. import drawing, predictor, tiling
 
-    with contextlib.redirect_stdout(sys.stderr):  # mmengine/mmdet print to stdout
-        mmconfig.raise_score_threshold(cfg.model, opts.score_threshold)
-        init_default_scope("mmdet")
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
-
-        register_all_modules(init_default_scope=False)
-        model = MODELS.build(cfg.model)
-        _load_state(model, weights, opts)
-        model.to(device).eval()
+    model = predictor.load_model(cfg, weights, device, opts.score_threshold, where=opts.model_weights)
     with_mask = d.task == "segm"
+    tiled = d.tiling
+    transform = predictor.pipeline(cfg)
 
     # Several processes (torchrun, srun): each takes every world_size-th image and writes its own part.
     shard = list(range(where.rank, len(found.images), where.world_size))
     part = os.path.join(output, f".{INSTANCES}.part{where.rank}") if where.distributed else None
-    dataset = ImageDataset([found.images[i] for i in shard], _inference_pipeline(cfg), keep_original=not opts.no_draw)
+    # Tiled: the workers only decode; tiles are cut and transformed batch by batch in this process.
+    dataset = predictor.ImageDataset([found.images[i] for i in shard], None if tiled else transform,
+                                     keep_original=tiled is not None or not opts.no_draw)
     # batch_size=None: the loader yields single items (read ahead by the workers); we batch by size.
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers, shuffle=False,
                                          worker_init_fn=signals.detach_loader_worker)
     os.makedirs(output, exist_ok=True)
+    previous = _open_rerun(opts.output, output) if where.is_main else set()
     skipped, done, drawn = [], 0, []  # drawn: this run's images (a rerun's outputs are exactly its own)
-    log.info("inference: %d images from %s (%s), batch %d, %s", len(found.images), opts.data, found.kind,
-             opts.batch_size, device)
+    log.info("inference: %d images from %s (%s), batch %d, %s%s", len(found.images), opts.data, found.kind,
+             opts.batch_size, device, f", tiles {tiled.width}x{tiled.height} overlapping {tiled.overlap:g}"
+             f"{' + the whole image' if tiled.full_image else ''}" if tiled else "")
     writer = predictions.PartWriter(part, categories) if part else \
         predictions.InstancesWriter(os.path.join(output, INSTANCES), categories)
     in_order = predictions.InputOrder(writer, shard)
     stopped = False
+    batches = (([item] for item in loader) if tiled else
+               predictor.same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size))
     with writer, torch.no_grad():
-        for batch in same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size):
+        for batch in batches:
             if signals.requested():
                 stopped = True
                 break
@@ -268,7 +224,23 @@ def run(opts):
                     good.append(item)
             if not good:
                 continue
-            results = model.test_step(pseudo_collate([item.data for item in good]))
+            if tiled:  # one image: its tiles are the batches
+                item = good[0]
+                height, width = item.original.shape[:2]
+                merged = predictor.predict_tiled(model, transform, item.original, tiled, opts.batch_size,
+                                                 opts.score_threshold, with_mask, predictor.input_size(cfg))
+                dets = [tiling.detection(p, height, width) for p in merged]
+                crops = [(p.mask, p.mx0, p.my0) for p in merged] if with_mask else None
+                ref = found.images[item.index]
+                in_order.add(item.index, item.index + 1, ref.name, int(width), int(height), dets)
+                if not opts.no_draw:
+                    drawn.append(os.path.join(output, ref.name))
+                    _write_image(drawn[-1], drawing.draw(item.original, dets, labels, crops=crops))
+                done += 1
+                if done % 10 == 0:
+                    log.info("inference: %d/%d images", done, len(found.images))
+                continue
+            results = predictor.predict(model, [item.data for item in good])
             for item, result in zip(good, results, strict=True):
                 ref = found.images[item.index]
                 height, width = result.ori_shape[:2]
@@ -294,7 +266,7 @@ def run(opts):
              writer.num_images, writer.num_annotations, opts.score_threshold, len(skipped),
              f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else "")
     if where.distributed and storage.is_s3(opts.output):
-        return _finish_distributed_s3(output, opts.output, where, categories, drawn)
+        return _finish_distributed_s3(output, opts.output, where, categories, drawn, previous)
     if where.distributed:
         import torch.distributed as dist
 
@@ -312,10 +284,10 @@ def run(opts):
             with open(listing, encoding="utf-8") as fh:
                 drawn += [os.path.join(output, name) for name in json.load(fh)]
             os.unlink(listing)
-    _finish(output, opts.output, [*drawn, os.path.join(output, INSTANCES)])
+    _finish(output, opts.output, [*drawn, os.path.join(output, INSTANCES)], previous)
 
 
-def _finish_distributed_s3(local, target, where, categories, drawn):
+def _finish_distributed_s3(local, target, where, categories, drawn, previous):
     """Several processes, maybe on several machines with nothing shared but the bucket: each uploads its
     drawn images, its part of instances.json and a manifest of what it uploaded; rank 0 fetches the parts,
     merges them, and writes instances.json and done.json (every rank's files) last."""
@@ -342,11 +314,11 @@ def _finish_distributed_s3(local, target, where, categories, drawn):
     marker = os.path.join(local, DONE)
     done = artifacts.done_marker([instances], local)
     done["outputs"] = sorted(done["outputs"] + entries, key=lambda e: e["path"])
-    previous = _previous_outputs(target)
     artifacts.write_json(marker, done, indent=2)
     outbox.sync([instances])
     _remove_stale(target, previous, {e["path"] for e in done["outputs"]})
     outbox.sync([marker])  # last: its presence means every output is complete
+    _close_rerun(target, local)
     for uris in shared:
         for uri in uris:
             storage.remove(uri)
@@ -364,21 +336,10 @@ def _any_rank(flag):
     return bool(tensor.item())
 
 
-def _load_state(model, weights, opts):
-    """Strict: every tensor of the model comes from the weights, or the config does not describe them."""
-    try:
-        model.load_state_dict(weights["state_dict"])
-    except RuntimeError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise UserError(f"{opts.model_weights}: its tensors do not fit the model of its config ({detail[:200]}); "
-                        "pass the config it was trained with (--model_config)") from None
-
-
-def _previous_outputs(target):
-    """The outputs the last complete run into `target` listed in its done.json (paths relative to it)."""
-    marker = storage.stage_optional(storage.join(target, DONE)) if storage.is_s3(target) else \
-        os.path.join(target, DONE)
+def _listed(target, name):
+    """The paths (relative to `target`) a done.json-like file in `target` lists; empty when there is none."""
+    marker = storage.stage_optional(storage.join(target, name)) if storage.is_s3(target) else \
+        os.path.join(target, name)
     if not marker or not os.path.isfile(marker):
         return set()
     try:
@@ -388,6 +349,32 @@ def _previous_outputs(target):
         return set()  # not ours to interpret; nothing is removed on its word
     # Only names inside the output folder: a planted done.json must not make us delete anything elsewhere.
     return {p for p in listed if isinstance(p, str) and names.name_problem(p, local=False) is None}
+
+
+def _open_rerun(target, local):
+    """Before a run writes into `target`: the outputs of the last complete run (its done.json, or the listing an
+    interrupted rerun set aside) are set aside in PREVIOUS and done.json is removed, so a rerun that stops half-way
+    leaves no done.json describing files it has partly replaced. Returns that listing (removed at the end when
+    this run did not write them again)."""
+    previous = _listed(target, DONE) | _listed(target, PREVIOUS)
+    if not previous:
+        return previous
+    aside = os.path.join(local, PREVIOUS)
+    artifacts.write_json(aside, {"outputs": [{"path": p} for p in sorted(previous)]})
+    if storage.is_s3(target):
+        storage.Outbox(local, target).sync([aside])
+        storage.remove(storage.join(target, DONE))
+    elif os.path.isfile(os.path.join(target, DONE)):
+        os.unlink(os.path.join(target, DONE))
+    return previous
+
+
+def _close_rerun(target, local):
+    """After this run's done.json is written: the set-aside listing is no longer needed."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(local, PREVIOUS))
+    if storage.is_s3(target):
+        storage.remove(storage.join(target, PREVIOUS))
 
 
 def _remove_stale(target, previous, current):
@@ -402,11 +389,10 @@ def _remove_stale(target, previous, current):
         log.info("removed %d output(s) of the previous run that this run did not write", len(stale))
 
 
-def _finish(local, target, written):
+def _finish(local, target, written, previous):
     """Done marker last, listing exactly this run's files; the previous run's other outputs are removed; for
     S3, upload this run's files, then the marker."""
     marker = os.path.join(local, DONE)
-    previous = _previous_outputs(target)
     done = artifacts.done_marker(written, local)
     artifacts.write_json(marker, done, indent=2)
     if storage.is_s3(target):
@@ -416,6 +402,7 @@ def _finish(local, target, written):
         outbox.sync([marker])
     else:
         _remove_stale(target, previous, {e["path"] for e in done["outputs"]})
+    _close_rerun(target, local)
     print(storage.join(target, INSTANCES) if storage.is_s3(target) else os.path.join(target, INSTANCES))
 
 

@@ -33,6 +33,7 @@ class Decision:
     resume: bool
     resume_from: Optional[str]  # None with resume: the workspace's latest checkpoint
     pretrained: Optional[pretrained.Source]  # weights to start from when not resuming, or None
+    tiles: Any = None  # predictor.Tiling (train --tile), or None
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ def _check_numbers(opts):
     if opts.image_size and min(opts.image_size) < 32:
         raise UserError(f"--image_size {opts.image_size[0]} {opts.image_size[1]}: both sides must be "
                         "at least 32 pixels")
+    if opts.tile and min(opts.tile) < 32:
+        raise UserError(f"--tile {opts.tile[0]} {opts.tile[1]}: a tile is at least 32 x 32 pixels")
+    if not 0.0 <= opts.tile_overlap < 0.9:
+        raise UserError(f"--tile_overlap {opts.tile_overlap}: give a fraction of a tile from 0 to below 0.9")
     mmconfig.parse_lr(opts.lr)
     if opts.time_limit:
         signals.parse_duration(opts.time_limit)
@@ -101,7 +106,31 @@ def decide(opts):
     base_cfg = mmconfig.load_base(base_config)  # a broken --model fails here, before any dataset is downloaded
     resume, resume_from = resume_mod.resume_point(opts.resume, opts.task, outputs, remote, labels)
     source = None if resume else pretrained.locate(opts.pretrained, base_config)
-    return Decision(outputs, remote, labels, splits, base_config, base_cfg, resume, resume_from, source)
+    from .. import predictor
+
+    tiles = predictor.Tiling(opts.tile[0], opts.tile[1], opts.tile_overlap) if opts.tile else None
+    return Decision(outputs, remote, labels, splits, base_config, base_cfg, resume, resume_from, source, tiles)
+
+
+def _tiled(d, role, path, data, task):
+    """The training or validation set cut into tiles (tiling.cut_coco), kept in the cache under a key of the
+    file's contents and the tile settings: a rerun (or resume) reuses it."""
+    import hashlib
+
+    from .. import tiling
+
+    t = d.tiles
+    settings = f"{artifacts.sha256(path)} {t.width} {t.height} {t.overlap} {task} v1"
+    key = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    folder = os.path.join(storage.cache_root(), "tiles", key)
+    out = os.path.join(folder, f"{role}.json")
+    if not os.path.isfile(out):
+        tiled = tiling.cut_coco(data, os.path.dirname(path), folder, t.width, t.height, t.overlap, task == "segm")
+        artifacts.write_json(out, tiled)
+        log.info("%s: %d images cut into %d tiles of %dx%d (overlap %g), %d annotations -> %d parts", role,
+                 len(data["images"]), len(tiled["images"]), t.width, t.height, t.overlap, len(data["annotations"]),
+                 len(tiled["annotations"]))
+    return out
 
 
 def stage(d, task, fetch_pretrained=True):
@@ -117,8 +146,13 @@ def stage(d, task, fetch_pretrained=True):
     if num_train == 0:
         raise UserError(f"{d.splits[0][1]}: no image has an annotation; training needs annotated images")
     categories = [{"id": c["id"], "name": c["name"]} for c in sorted(train["categories"], key=lambda c: c["id"])]
-    data = mmconfig.DataFiles(*(os.path.abspath(local[r]) if r in local else None
-                                for r in ("train", "valid", "test")))
+    files = {role: os.path.abspath(local[role]) for role, _ in d.splits}
+    if d.tiles:  # train and validate on tiles; the test step predicts on the whole images, tile by tile
+        for (role, _), report in zip(d.splits, reports, strict=True):
+            if role != "test":
+                files[role] = _tiled(d, role, files[role], report.data, task)
+        num_train = _annotated_images(coco.read_json(files["train"]))
+    data = mmconfig.DataFiles(*(files.get(r) for r in ("train", "valid", "test")))
     start = pretrained.fetch(d.pretrained) if fetch_pretrained else (d.pretrained.path if d.pretrained else None)
     return Plan(d, data, num_train, categories, start)
 
@@ -175,6 +209,28 @@ def run(opts):
         raise
 
 
+def _tiled_test(p, opts, runner, cfg, device):
+    """The test step of a run on tiles: the whole test images predicted tile by tile and merged, exactly as
+    `inference` does with these weights, so test_stats.json says what users will get."""
+    import cv2
+
+    from .. import predictions, predictor, tiling
+
+    model = getattr(runner.model, "module", runner.model)
+    model.eval()
+    gt = coco.read_json(p.data.test)
+    transform, size = predictor.pipeline(cfg), predictor.input_size(cfg)
+    results = []
+    for img in gt["images"]:
+        image = cv2.imread(os.path.join(os.path.dirname(p.data.test), img["file_name"]), cv2.IMREAD_COLOR)
+        height, width = image.shape[:2]
+        merged = predictor.predict_tiled(model, transform, image, p.tiles, opts.batch_size, 0.0,
+                                         opts.task == "segm", size)
+        results.append((int(img["id"]), [tiling.detection(piece, height, width) for piece in merged]))
+    artifacts.write_json(p.outputs.test_outputs, predictions.coco_results(gt, results))
+    log.info("test on tiles: %d images, %d detections", len(results), sum(len(r) for _, r in results))
+
+
 def _record_failure(p, err):
     """X.failed.json beside the outputs (and on S3): what stopped the run, for people and pipelines."""
     from ..errors import CvtkJobError
@@ -212,14 +268,18 @@ def _train(opts, p, where, device, cfg):
         runner = mmhooks.CvtkRunner.from_cfg(cfg)
         runner.register_hook(mmhooks.StartupGC())
         runner.train()
-        if p.data.test:
+        if p.data.test and not p.tiles:
             runner.test()
+        elif p.data.test and where.is_main:
+            _tiled_test(p, opts, runner, cfg, device)
     if not where.is_main:
         return  # only rank 0 writes and uploads outputs
 
     meta = {"classes": list(p.labels), "dataset_meta": {"classes": list(p.labels)}, "categories": p.categories,
             "task": opts.task, "epoch": runner.epoch, "config": cfg.pretty_text,
             "cvtk_job": {"model": os.path.basename(p.base_config)}}
+    if p.tiles:  # inference tiles the same way by default
+        meta["tile"] = {"width": p.tiles.width, "height": p.tiles.height, "overlap": p.tiles.overlap}
     checkpoints.save_weights(p.outputs.weights, runner.model, meta)
     with artifacts.atomic_path(p.outputs.config) as tmp:
         cfg.dump(tmp)

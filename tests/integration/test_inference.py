@@ -170,6 +170,8 @@ def test_torchrun_shards_the_images_and_merges_one_instances_json(small_data, tr
 
 def test_sigterm_stops_inference_with_75_writing_nothing_final_and_a_rerun_completes(small_data, trained_segm,
                                                                                   tmp_path):
+    """A complete run, then a rerun on fewer images stopped half-way: it leaves no done.json (the old one would
+    describe files the rerun has partly replaced); the next rerun completes and leaves exactly its own files."""
     import os
     import signal
     import subprocess
@@ -180,11 +182,17 @@ def test_sigterm_stops_inference_with_75_writing_nothing_final_and_a_rerun_compl
     data = tmp_path / "field"
     data.mkdir()
     src = sorted((small_data / "test" / "images").iterdir())
-    for i in range(60):  # enough images for the signal to land mid-run (it is sent after the 50th)
+    for i in range(62):  # enough images for the signal to land mid-run (it is sent after the 50th)
         shutil.copy(src[i % len(src)], data / f"{i:03d}_{src[i % len(src)].name}")
     out = tmp_path / "out"
     args = ["inference", "--label", small_data / "label.txt", "--data", data, "--model_weights", trained_segm,
             "--output", out, "--batch_size", "1", *LOW]
+    first = run_cli(*args)
+    assert first.returncode == 0 and (out / "done.json").exists(), first.stderr[-3000:]
+    dropped = sorted(data.iterdir())[-2:]
+    assert all((out / p.name).exists() for p in dropped)
+    for path in dropped:
+        path.unlink()
     proc = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     for line in proc.stderr:
@@ -194,11 +202,15 @@ def test_sigterm_stops_inference_with_75_writing_nothing_final_and_a_rerun_compl
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
     assert "stopped by SIGTERM after" in err.strip().splitlines()[-1]
-    assert not (out / "instances.json").exists() and not (out / "done.json").exists()
+    assert not (out / "done.json").exists()
 
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(load_instances(out)["images"]) == 60 and (out / "done.json").exists()
+    kept = sorted(p.name for p in data.iterdir())
+    assert sorted(i["file_name"] for i in load_instances(out)["images"]) == kept
+    listed = [e["path"] for e in json.loads((out / "done.json").read_text())["outputs"]]
+    assert listed == sorted([*kept, "instances.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "instances.json", "done.json"])
 
 
 def test_a_rerun_into_the_same_output_leaves_exactly_its_own_files(small_data, trained_segm, tmp_path):

@@ -1,0 +1,180 @@
+"""One way to load a trained model and to predict with it: `inference`, the benchmarks (bench/) and the tests
+use this module, so what they measure is what the command does.
+
+A batch only ever holds images of one size. MMDetection pads a mixed batch to its largest image, and
+the padding changes the features near the image border (after the first BatchNorm the padded area is
+no longer zero), so a detection would depend on which images it was batched with. Grouping by size
+keeps predictions independent of `--batch_size` and wastes no compute on padding.
+
+Tiled prediction (`Tiling`): an image is cut into overlapping tiles of one size, the tiles go through the
+model `batch_size` at a time, and the detections are merged in image coordinates (`tiling`); an optional
+whole-image pass, on the image scaled down to the model's input size, keeps the objects larger than a tile.
+"""
+
+import contextlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import UserError
+
+
+@dataclass
+class Item:
+    """One image after the worker: pipeline output, the original pixels (for drawing or tiling), or an error."""
+
+    index: int
+    data: Any = None
+    original: Any = None
+    error: Optional[str] = None
+
+
+class ImageDataset:
+    """Images by path → Items. `pipeline` None: no transform (tiled prediction transforms tile by tile)."""
+
+    def __init__(self, refs, pipeline, keep_original):
+        self.refs, self.pipeline, self.keep_original = refs, pipeline, keep_original
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, index):
+        import cv2
+
+        path = self.refs[index].path
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            reason = "file not found" if not os.path.exists(path) else "not a readable image"
+            return Item(index, error=reason)
+        if self.pipeline is None:
+            return Item(index, None, image)
+        try:
+            data = self.pipeline(dict(img=image, img_id=index, img_path=path))
+        except Exception as err:  # noqa: BLE001 - a broken image is reported and skipped, not fatal
+            return Item(index, error=f"{type(err).__name__}: {err}")
+        return Item(index, data, image if self.keep_original else None)
+
+
+def same_size_batches(items, batch_size, max_pending):
+    """Group a stream of items into batches of equal input size, holding at most max_pending items."""
+    pending = {}
+    held = 0
+    for item in items:
+        if item.error or item.data is None:
+            yield [item]
+            continue
+        key = tuple(item.data["inputs"].shape)
+        bucket = pending.setdefault(key, [])
+        bucket.append(item)
+        held += 1
+        if len(bucket) == batch_size:
+            held -= len(pending.pop(key))
+            yield bucket
+        elif held > max_pending:  # many sizes at once: run the fullest bucket rather than hold more
+            key = max(pending, key=lambda k: len(pending[k]))
+            held -= len(pending[key])
+            yield pending.pop(key)
+    yield from pending.values()
+
+
+def pipeline(cfg):
+    """The config's test pipeline, fed with decoded images (arrays) instead of file names."""
+    from mmcv.transforms import Compose
+
+    steps = cfg.get("test_pipeline") or cfg.test_dataloader.dataset.pipeline
+    steps = [dict(s) for s in steps if s["type"] not in ("LoadImageFromFile", "LoadAnnotations")]
+    return Compose([dict(type="mmdet.LoadImageFromNDArray"), *steps])
+
+
+def input_size(cfg):
+    """(W, H) the test pipeline resizes images to fit (mmdet's Resize with keep_ratio), or None."""
+    steps = cfg.get("test_pipeline") or cfg.test_dataloader.dataset.pipeline
+    for step in steps:
+        if step.get("type") in ("Resize", "mmdet.Resize") and step.get("scale"):
+            scale = tuple(step["scale"])
+            return (max(scale), min(scale)) if step.get("keep_ratio", True) else scale
+    return None
+
+
+def load_model(cfg, weights, device, score_threshold=None, where="the weights"):
+    """The model of `cfg` with every tensor from `weights` (a checkpoint loaded as data), in eval mode on
+    `device`. Strict: tensors that do not fit the config are one line naming `where`."""
+    from . import mmconfig
+
+    with contextlib.redirect_stdout(sys.stderr):  # mmengine/mmdet print to stdout
+        if score_threshold is not None:
+            mmconfig.raise_score_threshold(cfg.model, score_threshold)
+        from mmengine.registry import init_default_scope
+
+        init_default_scope("mmdet")
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+
+        register_all_modules(init_default_scope=False)
+        model = MODELS.build(cfg.model)
+        try:
+            model.load_state_dict(weights["state_dict"])
+        except RuntimeError as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise UserError(f"{where}: its tensors do not fit the model of its config ({detail[:200]}); "
+                            "pass the config it was trained with (--model_config)") from None
+        model.to(device).eval()
+    return model
+
+
+def predict(model, datas):
+    """Pipeline outputs of images of one size → the model's DetDataSamples (under no_grad)."""
+    import torch
+    from mmengine.dataset import pseudo_collate
+
+    with torch.no_grad():
+        return model.test_step(pseudo_collate(list(datas)))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How images are cut: tiles of `width` x `height` pixels overlapping by `overlap` of a tile, and whether
+    the whole image (scaled down to the model's input) also goes through the model."""
+
+    width: int
+    height: int
+    overlap: float = 0.2
+    full_image: bool = True
+
+
+def predict_tiled(model, transform, image, tiling_, batch_size, score_threshold, with_mask, full_size=None):
+    """One decoded image (H, W, 3) → merged `tiling.Piece`s in image coordinates, best first.
+
+    Tiles are views of the image and are transformed `batch_size` at a time, so memory holds the image, one
+    batch of tiles and the detections. `full_size`: (W, H) the whole-image pass is scaled down to fit."""
+    from . import tiling
+
+    height, width = image.shape[:2]
+    found = []
+    tiles = tiling.grid(width, height, tiling_.width, tiling_.height, tiling_.overlap)
+    for start in range(0, len(tiles), batch_size):
+        chunk = tiles[start:start + batch_size]
+        datas = [transform(dict(img=image[y0:y1, x0:x1], img_id=0, img_path="")) for x0, y0, x1, y1 in chunk]
+        for (x0, y0, x1, y1), result in zip(chunk, predict(model, datas), strict=True):
+            found += tiling.pieces(result.pred_instances, x0, y0, (x0, y0, x1, y1), score_threshold, with_mask)
+    if tiling_.full_image and len(tiles) > 1:
+        small, scale = _fit(image, full_size or (tiling_.width, tiling_.height))
+        result = predict(model, [transform(dict(img=small, img_id=0, img_path=""))])[0]
+        found += tiling.pieces(result.pred_instances, 0, 0, (0, 0, width, height), score_threshold, with_mask,
+                               scale=scale)
+    return tiling.merge(found)
+
+
+def _fit(image, size):
+    """The image scaled down (never up) to fit `size` (W, H), and the image pixels per scaled pixel."""
+    import cv2
+
+    height, width = image.shape[:2]
+    factor = min(size[0] / width, size[1] / height, 1.0)
+    if factor >= 1.0:
+        return image, 1.0
+    w, h = max(1, int(math.floor(width * factor))), max(1, int(math.floor(height * factor)))
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA), width / w
