@@ -507,6 +507,15 @@ def bench_train_start():
                f"{', '.join(f'{s:.1f}' for s in bare_s)} s")
 
 
+def bench_tiling():
+    """`inference --tile` vs SAHI's sliced prediction (same model, tiles and threshold; images/s and AP), and its
+    peak RSS on a 16000x16000 image vs a 2000x2000 one (bench/tiling.py)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import tiling
+
+    tiling.bench(WORK / "tiling", report, skipped, measure)
+
+
 def _config(path):
     from mmengine.config import Config
 
@@ -544,6 +553,7 @@ ONLY = {
     "evaluate": bench_evaluate,
     "coco_scale": bench_coco_scale,
     "train_start": bench_train_start,
+    "tiling": bench_tiling,
 }
 
 
@@ -575,6 +585,7 @@ def main():
     bench_evaluate()
     bench_coco_scale()
     bench_train_start()
+    bench_tiling()
     bench_gpu()
     write_table(REPO / "docs" / "benchmarks.md", "make bench")
 
