@@ -6,6 +6,9 @@ import math
 import numpy as np
 
 MASK_ALPHA = 0.45
+# Larger images are drawn scaled down to this many pixels (a 6000x6000 photo is drawn full size): a drawn copy of
+# a 16000x16000 mosaic would take another 768 MB, and nobody looks at one at full size.
+MAX_PIXELS = 6000 * 6000
 
 
 def class_color(index):
@@ -57,3 +60,31 @@ def draw(image, found, class_names, masks=None, crops=None):
         cv2.putText(out, text, (p1[0] + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
                     (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+def fit(image, found, crops, max_pixels):
+    """(image, detections, mask crops, factor) scaled down so that the image has at most `max_pixels`;
+    factor 1 and the inputs themselves when it already has. Boxes are scaled, crops resized nearest-neighbour
+    (`crops` None: a box-only model)."""
+    import cv2
+
+    height, width = image.shape[:2]
+    factor = min(1.0, math.sqrt(max_pixels / (width * height)))
+    if factor >= 1.0:
+        return image, found, crops, 1.0
+    w, h = max(1, int(width * factor)), max(1, int(height * factor))
+    fx, fy = w / width, h / height
+    small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    shown = [dict(det, bbox=[det["bbox"][0] * fx, det["bbox"][1] * fy, det["bbox"][2] * fx, det["bbox"][3] * fy])
+             for det in found]
+    if crops is None:
+        return small, shown, None, factor
+    scaled = []
+    for mask, x0, y0 in crops:
+        sx0, sy0 = int(x0 * fx), int(y0 * fy)
+        sx1 = max(sx0 + 1, int(math.ceil((x0 + mask.shape[1]) * fx)))
+        sy1 = max(sy0 + 1, int(math.ceil((y0 + mask.shape[0]) * fy)))
+        resized = cv2.resize(mask.astype(np.uint8), (sx1 - sx0, sy1 - sy0), interpolation=cv2.INTER_NEAREST) \
+            if mask.size else np.zeros((0, 0), np.uint8)
+        scaled.append((resized.astype(bool), sx0, sy0))
+    return small, shown, scaled, factor

@@ -189,12 +189,9 @@ def run(opts):
     # Several processes (torchrun, srun): each takes every world_size-th image and writes its own part.
     shard = list(range(where.rank, len(found.images), where.world_size))
     part = os.path.join(output, f".{INSTANCES}.part{where.rank}") if where.distributed else None
-    # Tiled: the workers only decode; tiles are cut and transformed batch by batch in this process.
+    # Tiled: tiles are cut and transformed batch by batch in this process.
     dataset = predictor.ImageDataset([found.images[i] for i in shard], None if tiled else transform,
                                      keep_original=tiled is not None or not opts.no_draw)
-    # batch_size=None: the loader yields single items (read ahead by the workers); we batch by size.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers, shuffle=False,
-                                         worker_init_fn=signals.detach_loader_worker)
     os.makedirs(output, exist_ok=True)
     previous = _open_rerun(opts.output, output) if where.is_main else set()
     skipped, done, drawn = [], 0, []  # drawn: this run's images (a rerun's outputs are exactly its own)
@@ -205,8 +202,16 @@ def run(opts):
         predictions.InstancesWriter(os.path.join(output, INSTANCES), categories)
     in_order = predictions.InputOrder(writer, shard)
     stopped = False
-    batches = (([item] for item in loader) if tiled else
-               predictor.same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size))
+    if tiled:
+        # Decoded here, one image at a time, with no reader process: a reader would hold a second copy of each
+        # image and pickle it over to us (3 x 768 MB for a 16000x16000 RGB), while decoding takes a second
+        # against the minutes its tiles take in the model.
+        batches = ([dataset[i]] for i in range(len(dataset)))
+    else:
+        # batch_size=None: the loader yields single items (read ahead by the workers); we batch by size.
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers,
+                                             shuffle=False, worker_init_fn=signals.detach_loader_worker)
+        batches = predictor.same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size)
     with writer, torch.no_grad():
         for batch in batches:
             if signals.requested():
@@ -235,7 +240,12 @@ def run(opts):
                 in_order.add(item.index, item.index + 1, ref.name, int(width), int(height), dets)
                 if not opts.no_draw:
                     drawn.append(os.path.join(output, ref.name))
-                    _write_image(drawn[-1], drawing.draw(item.original, dets, labels, crops=crops))
+                    image, shown, crops, factor = drawing.fit(item.original, dets, crops, drawing.MAX_PIXELS)
+                    if factor < 1:
+                        log.info("inference: %s drawn at %dx%d (%.3g of %dx%d; instances.json is full size)",
+                                 ref.name, image.shape[1], image.shape[0], factor, width, height)
+                    _write_image(drawn[-1], drawing.draw(image, shown, labels, crops=crops))
+                    del image
                 done += 1
                 if done % 10 == 0:
                     log.info("inference: %d/%d images", done, len(found.images))

@@ -51,3 +51,25 @@ def test_drawing_inside_the_boxes_equals_blending_the_whole_image():
         plain[mask] = (plain[mask] * (1 - drawing.MASK_ALPHA) + color * drawing.MASK_ALPHA).astype(np.uint8)
     no_masks = drawing.draw(plain, found, ["a", "b", "c"])  # boxes and labels over the plain blend
     assert np.array_equal(fast, no_masks)
+
+
+def test_a_huge_image_is_drawn_scaled_down_with_its_masks_where_the_scaled_full_masks_lie():
+    import cv2
+
+    rng = np.random.default_rng(1)
+    height, width = 300, 400
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    full = np.zeros((height, width), bool)
+    full[100:180, 40:200] = True
+    found = [{"label": 0, "score": 0.9, "bbox": [40.0, 100.0, 160.0, 80.0]}]
+    crops = [(full[100:180, 40:200].copy(), 40, 100)]
+    small, shown, scaled, factor = drawing.fit(image, found, crops, max_pixels=30000)
+    assert small.shape[0] * small.shape[1] <= 30000 and factor == pytest.approx(0.5)
+    assert shown[0]["bbox"] == pytest.approx([20, 50, 80, 40], abs=1)
+    expected = cv2.resize(full.astype(np.uint8), (small.shape[1], small.shape[0]),
+                          interpolation=cv2.INTER_NEAREST).astype(bool)
+    mask, x0, y0 = scaled[0]
+    placed = np.zeros_like(expected)
+    placed[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]] = mask
+    assert (placed ^ expected).sum() <= 2 * (mask.shape[0] + mask.shape[1])  # at most a pixel of border apart
+    assert drawing.fit(image, found, crops, max_pixels=height * width) == (image, found, crops, 1.0)
