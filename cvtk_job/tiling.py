@@ -3,10 +3,10 @@ duplicates that tiles (and the optional whole-image pass) produce where they ove
 
 A detection is a `Piece`: class, score, box in image coordinates, and its mask as a crop (the pixels of its
 integer box only), never as a full-image array: a 16000x16000 image with 500 instances would otherwise need
-500 x 256 MB. Two pieces are the same object when they are of one class and agree where both were seen: most
-of the smaller mask (or box) lies in the other inside the intersection of the two regions the model looked at.
-An object cut by a seam is seen whole by one tile (when the overlap is larger than it) or in two parts that
-match in the band both tiles cover; either way it comes out once, with the union of the masks.
+500 x 256 MB. Two pieces are the same object when they are of one class and agree where both were seen: the
+masks (or boxes) compared inside the intersection of the two regions the model looked at. An object cut by a
+seam is seen whole by one tile (when the overlap is larger than it) or in two parts that match in the band
+both tiles cover; either way it comes out once, with the union of the masks.
 """
 
 import math
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Two pieces are one object when at least this share of the smaller mask (box) lies in the other, where both
-# were seen.
-MATCH_SHARE = 0.5
+# Two pieces are one object when their masks (boxes) overlap by at least this IoU where both were seen.
+MATCH_IOU = 0.5
 
 
 def grid(width, height, tile_w, tile_h, overlap):
@@ -45,7 +44,6 @@ class Piece:
     mask: np.ndarray = None  # bool crop of the pixels [my0:my1, mx0:mx1]
     mx0: int = 0
     my0: int = 0
-    scale: float = 1.0  # image pixels per pixel the model saw (> 1: the scaled-down whole image)
 
     @property
     def mask_box(self):
@@ -66,7 +64,7 @@ def pieces(pred, x0, y0, seen, score_threshold, with_mask, scale=1.0):
     out = []
     for i in range(len(keep)):
         box = boxes[i].copy()
-        piece = Piece(int(labels[i]), float(scores[keep[i]]), box * scale + [x0, y0, x0, y0], seen, scale=scale)
+        piece = Piece(int(labels[i]), float(scores[keep[i]]), box * scale + [x0, y0, x0, y0], seen)
         if masks is not None:
             height, width = masks.shape[1:]
             cx0, cy0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
@@ -90,6 +88,19 @@ def _intersect(a, b):
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
+def _box_iou_in(a, b, region):
+    ca = _intersect(a, region)
+    cb = _intersect(b, region)
+    if ca is None or cb is None:
+        return 0.0
+    inter = _intersect(ca, cb)
+    if inter is None:
+        return 0.0
+    ai = (inter[2] - inter[0]) * (inter[3] - inter[1])
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return ai / (area(ca) + area(cb) - ai)
+
+
 def _window(piece, region):
     """The piece's mask inside an integer region, as a bool array of the region's shape."""
     x0, y0, x1, y1 = region
@@ -102,74 +113,37 @@ def _window(piece, region):
     return out
 
 
-def _mask_overlap_in(a, b, region):
-    """(IoU, intersection over the smaller) of the two masks inside `region`."""
-    ua, ub = _intersect(a.mask_box, region), _intersect(b.mask_box, region)
-    if ua is None or ub is None or _intersect(ua, ub) is None:
-        return 0.0, 0.0
+def _mask_iou_in(a, b, region):
+    both = _intersect(_intersect(a.mask_box, region) or (0, 0, 0, 0), _intersect(b.mask_box, region) or (0, 0, 0, 0))
+    if both is None:
+        return 0.0
     # Only the union of the two masks' boxes inside the region can hold pixels of either.
+    ua, ub = _intersect(a.mask_box, region), _intersect(b.mask_box, region)
     window = (min(ua[0], ub[0]), min(ua[1], ub[1]), max(ua[2], ub[2]), max(ua[3], ub[3]))
     ma, mb = _window(a, window), _window(b, window)
-    inter, na, nb = np.count_nonzero(ma & mb), np.count_nonzero(ma), np.count_nonzero(mb)
-    union = na + nb - inter
-    return (inter / union if union else 0.0), (inter / min(na, nb) if min(na, nb) else 0.0)
-
-
-def _box_overlap_in(a, b, region):
-    """(IoU, intersection over the smaller) of two boxes inside `region`."""
-    ca, cb = _intersect(a, region), _intersect(b, region)
-    inter = _intersect(ca, cb) if ca is not None and cb is not None else None
-    if inter is None:
-        return 0.0, 0.0
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    ai = area(inter)
-    return ai / (area(ca) + area(cb) - ai), ai / min(area(ca), area(cb))
-
-
-def _same_object(kept, piece, share):
-    """Whether `piece` is `kept` seen again: inside the region both were found in, at least `share` of the
-    smaller mask (box, for a box-only model) lies in the other. Intersection over the smaller rather than IoU:
-    a part cut by a tile border, or the same object seen by two tiles with a tiny model's sloppy masks, often
-    overlaps the other view by an IoU just under 0.5 and came out twice (tiled segm AP 0.414 with IoU, 0.448
-    with this, on bench/tiling.py's fields). SAHI's default matches boxes the same way; masks are stricter (two
-    round fruits whose boxes overlap by half barely overlap as masks). The cost: a small object lying for the
-    most part on a larger one of the same class is taken for a part of it."""
-    region = _intersect(kept.seen, piece.seen)
-    if region is None:
-        return False
-    if piece.mask is not None and kept.mask is not None:
-        return _mask_overlap_in(kept, piece, region)[1] >= share
-    return _box_overlap_in(kept.box, piece.box, region)[1] >= share
+    union = np.count_nonzero(ma | mb)
+    return np.count_nonzero(ma & mb) / union if union else 0.0
 
 
 def _union(a, b):
-    """b merged into a: one object, the best score, the union of boxes and regions seen, and the union of the
-    masks, except where the two were found at different resolutions: there the finer view (a tile rather than
-    the scaled-down whole image) decides every pixel it saw, and the coarser one only adds what lies outside.
-    (Letting one tile decide its region between two equal views measured no better than the union: 0.445 vs
-    0.448 segm AP.)"""
+    """b merged into a: one object, the best score, the union of boxes, masks and regions seen."""
     a.score = max(a.score, b.score)
     a.box = np.array([min(a.box[0], b.box[0]), min(a.box[1], b.box[1]), max(a.box[2], b.box[2]),
                       max(a.box[3], b.box[3])])
+    a.seen = (min(a.seen[0], b.seen[0]), min(a.seen[1], b.seen[1]), max(a.seen[2], b.seen[2]),
+              max(a.seen[3], b.seen[3]))
     if a.mask is not None and b.mask is not None:
         ab, bb = a.mask_box, b.mask_box
         window = (min(ab[0], bb[0]), min(ab[1], bb[1]), max(ab[2], bb[2]), max(ab[3], bb[3]))
-        fine, coarse = (a, b) if a.scale <= b.scale else (b, a)
-        extra = _window(coarse, window)
-        inside = _intersect(fine.seen, window) if fine.scale < coarse.scale else None
-        if inside is not None:
-            extra[inside[1] - window[1]:inside[3] - window[1], inside[0] - window[0]:inside[2] - window[0]] = False
-        a.mask = _window(fine, window) | extra
+        a.mask = _window(a, window) | _window(b, window)
         a.mx0, a.my0 = window[0], window[1]
-        a.scale = fine.scale
-    a.seen = (min(a.seen[0], b.seen[0]), min(a.seen[1], b.seen[1]), max(a.seen[2], b.seen[2]),
-              max(a.seen[3], b.seen[3]))
     return a
 
 
-def merge(found, share=MATCH_SHARE):
-    """Greedy, best score first, class by class: a piece that is an already kept one seen again
-    (`_same_object`) is merged into it (`_union`); the others are kept. Returns the kept pieces, best first."""
+def merge(found, match_iou=MATCH_IOU):
+    """Greedy, best score first, class by class: a piece that matches an already kept one (same class, IoU of
+    masks — boxes for a box-only model — at least `match_iou` inside the region both were found in) is merged
+    into it; the others are kept. Returns the kept pieces, best first."""
     kept_all = []
     for label in sorted({p.label for p in found}):
         kept, boxes = [], np.zeros((0, 4))
@@ -178,7 +152,18 @@ def merge(found, share=MATCH_SHARE):
             if len(kept):
                 near = np.flatnonzero((boxes[:, 0] < piece.box[2]) & (boxes[:, 2] > piece.box[0])
                                       & (boxes[:, 1] < piece.box[3]) & (boxes[:, 3] > piece.box[1]))
-                match = next((k for k in near if _same_object(kept[k], piece, share)), None)
+                for k in near:
+                    other = kept[k]
+                    region = _intersect(other.seen, piece.seen)
+                    if region is None:
+                        continue
+                    if piece.mask is not None and other.mask is not None:
+                        iou = _mask_iou_in(other, piece, region)
+                    else:
+                        iou = _box_iou_in(other.box, piece.box, region)
+                    if iou >= match_iou:
+                        match = k
+                        break
             if match is None:
                 kept.append(piece)
                 boxes = np.vstack([boxes, piece.box[None]])

@@ -116,54 +116,6 @@ def test_a_whole_image_pass_at_half_resolution_merges_with_the_tiles_that_saw_th
     assert (decoded & obj).sum() / (decoded | obj).sum() > 0.97 and det["score"] == pytest.approx(0.95)
 
 
-def test_a_part_cut_by_a_tile_border_with_a_sloppy_mask_still_merges_into_the_whole_object():
-    """A tile that sees only the edge of an object predicts a part whose mask is off near the cut: inside the
-    band both tiles saw, its IoU with the whole object is under 0.5 but all of it lies in the object."""
-    height, width = 200, 400
-    obj = _disk(height, width, 215, 100, 30)  # whole in the right tile, cut by the left tile's border at 230
-    tiles = [(0, 0, 230, 200), (170, 0, 400, 200)]
-    whole = tiling.pieces(_seen_by(obj, tiles[1], 0, 0.9), 170, 0, tiles[1], 0.05, True)
-    part = _seen_by(obj.copy(), tiles[0], 0, 0.6)
-    part["masks"][0, :, :212] = False  # the part's mask misses the object's left half in the band
-    cut = tiling.pieces(part, 0, 0, tiles[0], 0.05, True)
-    band = obj[:, 170:230]
-    kept = part["masks"][0].numpy()[:, 170:230]
-    assert (band & kept).sum() / (band | kept).sum() < 0.5  # the IoU rule alone would keep both
-    merged = tiling.merge(whole + cut)
-    assert len(merged) == 1
-    det = tiling.detection(merged[0], height, width)
-    assert np.array_equal(mask_utils.decode(det["segmentation"] | {"counts": det["segmentation"]["counts"]})
-                          .astype(bool), obj)
-    # A small neighbour of the same class lying less than half on the object is an object of its own.
-    bud = _disk(height, width, 249, 100, 8)
-    share = (bud & obj).sum() / bud.sum()
-    assert 0.1 < share < 0.5
-    view = (0, 0, 400, 200)
-    both = tiling.pieces(_seen_by(obj, view, 0, 0.9), 0, 0, view, 0.05, True) + \
-        tiling.pieces(_seen_by(bud, view, 0, 0.5), 0, 0, view, 0.05, True)
-    assert len(tiling.merge(both)) == 2
-
-
-def test_the_finer_view_decides_the_mask_where_it_looked():
-    """A coarse whole-image mask that spills past the object does not grow it where a tile saw it."""
-    height, width = 200, 200
-    obj = _disk(height, width, 100, 100, 40)
-    fat = _disk(height, width, 100, 100, 48)
-    small = fat[::4, ::4]
-    ys, xs = np.nonzero(small)
-    pred = {"scores": torch.tensor([0.95]), "labels": torch.tensor([0]),
-            "bboxes": torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32),
-            "masks": torch.from_numpy(small[None])}
-    found = tiling.pieces(pred, 0, 0, (0, 0, width, height), 0.05, True, scale=4.0)
-    tile = (20, 20, 180, 180)  # sees the whole object
-    found += tiling.pieces(_seen_by(obj, tile, 0, 0.6), 20, 20, tile, 0.05, True)
-    merged = tiling.merge(found)
-    assert len(merged) == 1
-    det = tiling.detection(merged[0], height, width)
-    decoded = mask_utils.decode(det["segmentation"] | {"counts": det["segmentation"]["counts"]}).astype(bool)
-    assert np.array_equal(decoded, obj) and det["score"] == pytest.approx(0.95)
-
-
 def test_box_only_pieces_match_by_their_boxes_where_both_tiles_looked():
     tiles = [(0, 0, 230, 200), (170, 0, 400, 200)]
     # One box 160..240 cut by both tiles' borders: each tile reports its part.
