@@ -64,7 +64,7 @@ def test_a_bad_tile_is_one_line_and_nothing_is_written(small_data, trained_segm,
     result = run_cli("inference", "--label", small_data / "label.txt", "--data", mosaic, "--model_weights",
                      trained_segm, "--output", tmp_path / "out", "--tile", "8", "8", *LOW)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith("--tile 8 8: a tile is at least 32 x 32 pixels")
+    assert result.stderr.strip().splitlines()[-1].endswith("--tile 8 8: a tile is at least 32 x 32 pixels (0 0: no tiles)")
     assert not (tmp_path / "out").exists()
 
 
