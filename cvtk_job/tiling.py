@@ -44,6 +44,7 @@ class Piece:
     mask: np.ndarray = None  # bool crop of the pixels [my0:my1, mx0:mx1]
     mx0: int = 0
     my0: int = 0
+    views: frozenset = frozenset()  # after a merge: every region whose detection went into this piece
 
     @property
     def mask_box(self):
@@ -143,7 +144,13 @@ def _union(a, b):
 def merge(found, match_iou=MATCH_IOU):
     """Greedy, best score first, class by class: a piece that matches an already kept one (same class, IoU of
     masks — boxes for a box-only model — at least `match_iou` inside the region both were found in) is merged
-    into it; the others are kept. Returns the kept pieces, best first."""
+    into it; the others are kept. Returns the kept pieces, best first.
+
+    Only pieces from different views (tiles, the whole image) are joined: each saw a part of the object, and
+    the union is what all of them saw. A matching piece from a view already in the object is the model's own
+    second guess at it in that same view (its NMS let it through): one guess is kept, the better one, and the
+    two are not joined (the union of two guesses is larger than either, e.g. a 26-pixel disk found at two
+    offsets came out 45 pixels wide)."""
     kept_all = []
     for label in sorted({p.label for p in found}):
         kept, boxes = [], np.zeros((0, 4))
@@ -165,10 +172,13 @@ def merge(found, match_iou=MATCH_IOU):
                         match = k
                         break
             if match is None:
+                piece.views = frozenset([piece.seen])
                 kept.append(piece)
                 boxes = np.vstack([boxes, piece.box[None]])
-            else:
+            elif piece.seen not in kept[match].views:
+                views = kept[match].views | {piece.seen}
                 boxes[match] = _union(kept[match], piece).box
+                kept[match].views = views
         kept_all += kept
     return sorted(kept_all, key=lambda p: -p.score)
 
@@ -322,3 +332,63 @@ def cut_coco(data, root, out_dir, tile_w, tile_h, overlap, with_mask):
                     annotations.append({"id": len(annotations) + 1, "image_id": images[-1]["id"],
                                         "category_id": ann["category_id"], "iscrowd": ann.get("iscrowd", 0), **part})
     return {"images": images, "annotations": annotations, "categories": data["categories"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# --tile: the words given, and the size `auto` derives from the training annotations
+
+# `--tile auto`: the mean object takes this share of a tile's area. OpenVINO Training Extensions' adaptive
+# tiling uses the same 3% (a mean object of 100x100 pixels gives tiles of about 577x577): small objects then
+# reach the model at full resolution while a tile still holds enough context to tell them apart.
+OBJECT_TILE_RATIO = 0.03
+MIN_TILE, MAX_AUTO_OVERLAP = 32, 0.8
+
+
+def parse_tile(words, flag="--tile"):
+    """--tile's words → None, "auto", or (W, H); anything else is one line naming the flag."""
+    from .errors import UserError
+
+    if not words:
+        return None
+    if len(words) == 1 and words[0] == "auto":
+        return "auto"
+    shown = " ".join(words)
+    if len(words) != 2 or not all(w.isdigit() for w in words):
+        raise UserError(f"{flag} {shown}: give the tile's width and height in pixels (e.g. {flag} 640 640) or "
+                        f"{flag} auto")
+    width, height = int(words[0]), int(words[1])
+    if min(width, height) < MIN_TILE:
+        raise UserError(f"{flag} {shown}: a tile is at least {MIN_TILE} x {MIN_TILE} pixels")
+    return width, height
+
+
+@dataclass(frozen=True)
+class AutoTile:
+    """What `--tile auto` chose, and from what (printed, and kept in the weights' metadata)."""
+
+    size: int  # the side of a square tile
+    overlap: float
+    mean_area: float  # of the annotations, in pixels
+    longest: float  # the longest box side of the annotations (99th percentile)
+    annotations: int
+
+
+def auto_tile(data, overlap=None):
+    """A square tile from a validated COCO dataset: the mean object area is OBJECT_TILE_RATIO of the tile's
+    area (rounded up to a multiple of 32, at most the largest image side); the overlap, unless given, is the
+    longest box side (99th percentile, so one outlier does not decide it) as a share of the tile, so that an
+    object on a seam lies whole in a neighbour tile (at most MAX_AUTO_OVERLAP; at least 0.1)."""
+    boxes = np.array([a["bbox"][2:] for a in data["annotations"] if not a.get("iscrowd")], dtype=np.float64)
+    if not len(boxes):
+        return None
+    areas = np.array([float(a.get("area") or 0.0) for a in data["annotations"] if not a.get("iscrowd")])
+    areas = np.where(areas > 0, areas, boxes[:, 0] * boxes[:, 1])  # a record without an area: its box
+    mean_area = float(areas.mean())
+    side = math.sqrt(mean_area / OBJECT_TILE_RATIO)
+    side = max(MIN_TILE, int(math.ceil(side / 32.0) * 32))
+    largest = max(max(int(img["width"]), int(img["height"])) for img in data["images"])
+    side = min(side, max(largest, MIN_TILE))
+    longest = float(np.percentile(boxes.max(axis=1), 99))
+    if overlap is None:
+        overlap = round(min(max(longest / side, 0.1), MAX_AUTO_OVERLAP), 2)
+    return AutoTile(side, overlap, mean_area, longest, len(boxes))

@@ -223,21 +223,23 @@ def test_single_pod_two_processes_a_signal_to_one_rank_stops_all(s3_data, tmp_pa
 
     from tests.s3proxy import CountingProxy
 
+    # The proxy stays up until the pod has ended: its endpoint is the pod's S3, and the ranks upload what they
+    # checkpointed when they stop (a proxy gone by then left rank 0 retrying until torchrun killed it).
     with CountingProxy(s3_data.endpoint) as proxy:  # what reaches S3 from this pod's two processes
         pod = Pod(doc, 0, tmp_path / "first", dict(s3_data.env(), AWS_ENDPOINT_URL_S3=proxy.endpoint),
                   command=command)
         wait_for([pod], "Epoch(train) [2][2/4]")
         fetched = proxy.gets(f"/{BUCKET}/strawberry/")
-    # One stager per node: every input object is fetched once, not once per process.
-    expected = {f"/{BUCKET}/{k}" for k in s3_data.keys(BUCKET, "strawberry/") if not k.endswith("bbox.json")}
-    assert set(fetched) == expected and set(fetched.values()) == {1}, fetched
-    workers = pod.workers()
-    assert sorted(workers) == [0, 1], workers
-    os.kill(workers[1], signal.SIGTERM)  # one rank alone: e.g. an OOM-killer's warning, a stray signal
-    start = time.monotonic()
-    code = pod.wait()
-    assert code == 75, pod.output()[-4000:]
-    assert time.monotonic() - start < 120  # no rank left waiting in an all-reduce
+        # One stager per node: every input object is fetched once, not once per process.
+        expected = {f"/{BUCKET}/{k}" for k in s3_data.keys(BUCKET, "strawberry/") if not k.endswith("bbox.json")}
+        assert set(fetched) == expected and set(fetched.values()) == {1}, fetched
+        workers = pod.workers()
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGTERM)  # one rank alone: e.g. an OOM-killer's warning, a stray signal
+        start = time.monotonic()
+        code = pod.wait()
+        assert code == 75, pod.output()[-4000:]
+        assert time.monotonic() - start < 120  # no rank left waiting in an all-reduce
     out = pod.output()
     stops = [line for line in out.splitlines() if "stopped by" in line and "during epoch" in line]
     assert any("SIGTERM" in s for s in stops) and any("a signal to another process" in s for s in stops), out[-3000:]

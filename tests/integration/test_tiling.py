@@ -64,7 +64,8 @@ def test_a_bad_tile_is_one_line_and_nothing_is_written(small_data, trained_segm,
     result = run_cli("inference", "--label", small_data / "label.txt", "--data", mosaic, "--model_weights",
                      trained_segm, "--output", tmp_path / "out", "--tile", "8", "8", *LOW)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith("--tile 8 8: a tile is at least 32 x 32 pixels (0 0: no tiles)")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith("--tile 8 8: a tile is at least 32 x 32 pixels (0 0: no tiles)"), last
     assert not (tmp_path / "out").exists()
 
 
@@ -113,7 +114,11 @@ def test_tiles_find_the_small_objects_that_whole_image_inference_misses(shapes_m
 def test_an_object_on_a_seam_comes_out_once_with_a_mask_covering_it(shapes_model, tmp_path):
     """480x256, tiles 256x256 overlapping 0.1: two tiles, x 0-256 and 224-480. One disk is centred on the
     first tile's right border, one square on the second tile's left border: each is cut by one tile and whole
-    in the other, and must come out exactly once, its mask matching the drawn shape (IoU >= 0.7)."""
+    in the other, and must come out exactly once, its mask matching the drawn shape (IoU >= 0.7).
+
+    Score threshold 0.4: below it this small model makes second guesses at an object inside one tile (a disk at
+    0.661 and again 4 px lower at 0.339, whose masks overlap by less than the match IoU), which its own NMS lets
+    through with or without tiles; they are not what this test is about."""
     from pycocotools import mask as mask_utils
 
     from tests import synthetic
@@ -123,7 +128,7 @@ def test_an_object_on_a_seam_comes_out_once_with_a_mask_covering_it(shapes_model
     field = synthetic.write(tmp_path / "seam", 1, (480, 256), 0, (8, 14), seed=5, placed=placed)
     result = run_cli("inference", "--label", label, "--data", field, "--model_weights", weights, "--output",
                      tmp_path / "out", "--tile", "256", "256", "--tile_overlap", "0.1", "--no_full_image",
-                     "--score_threshold", "0.3", "--device", "cpu", "--num_workers", "1", "--no_draw")
+                     "--score_threshold", "0.4", "--device", "cpu", "--num_workers", "1", "--no_draw")
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "out" / "instances.json") as fh:
         found = json.load(fh)["annotations"]
