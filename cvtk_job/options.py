@@ -64,11 +64,14 @@ class TrainOptions:
     amp: bool = opt("mixed precision on CUDA (ignored on CPU)", False)
     image_size: Optional[List[int]] = opt("resize images to fit W H (keeping their aspect ratio)",
                                           None, nargs=2, type=int, metavar=("W", "H"))
-    tile: Optional[List[int]] = opt("train on overlapping W x H tiles of the images (annotations clipped to each "
-                                    "tile); the test step predicts on tiles of the whole images and merges, as "
-                                    "inference does, which then tiles the same way by default", None, nargs=2,
-                                    type=int, metavar=("W", "H"))
-    tile_overlap: float = opt("with --tile: how much neighbouring tiles overlap, as a fraction of a tile", 0.2)
+    tile: Optional[List[str]] = opt("train on overlapping tiles of the images (annotations clipped to each tile): "
+                                    "W H in pixels, or auto: a size from the training annotations (the mean "
+                                    "object a 3%% share of a tile); the test step predicts on tiles of the whole "
+                                    "images and merges, as inference does, which then tiles the same way by "
+                                    "default", None, nargs="+", type=str, metavar=("W|auto", "H"))
+    tile_overlap: Optional[float] = opt("with --tile: how much neighbouring tiles overlap, as a fraction of a tile "
+                                        "(default: 0.2; with --tile auto: the largest objects' share of a tile)",
+                                        None)
     device: Device = opt("where to train", "auto")
     resume: str = opt("auto: continue an interrupted run of the same command; none: start over; "
                       "or a checkpoint path", "auto")

@@ -33,7 +33,8 @@ class Decision:
     resume: bool
     resume_from: Optional[str]  # None with resume: the workspace's latest checkpoint
     pretrained: Optional[pretrained.Source]  # weights to start from when not resuming, or None
-    tiles: Any = None  # predictor.Tiling (train --tile), or None
+    tiles: Any = None  # predictor.Tiling (train --tile W H), "auto" (decided from the training set), or None
+    tile_overlap: Optional[float] = None  # --tile_overlap as given (--tile auto derives one when it is None)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Plan:
     num_train_images: int
     categories: list
     pretrained: Optional[str]  # the local file of decision.pretrained, present
+    tiles: Any = None  # predictor.Tiling, decided (`--tile auto` from the staged training set), or None
+    auto_tile: Any = None  # tiling.AutoTile: what `--tile auto` chose and from what
 
     def __getattr__(self, name):  # the decision's fields read as the plan's
         if name == "decision":
@@ -62,9 +65,10 @@ def _check_numbers(opts):
     if opts.image_size and min(opts.image_size) < 32:
         raise UserError(f"--image_size {opts.image_size[0]} {opts.image_size[1]}: both sides must be "
                         "at least 32 pixels")
-    if opts.tile and min(opts.tile) < 32:
-        raise UserError(f"--tile {opts.tile[0]} {opts.tile[1]}: a tile is at least 32 x 32 pixels")
-    if not 0.0 <= opts.tile_overlap < 0.9:
+    from .. import tiling
+
+    tiling.parse_tile(opts.tile)
+    if opts.tile_overlap is not None and not 0.0 <= opts.tile_overlap < 0.9:
         raise UserError(f"--tile_overlap {opts.tile_overlap}: give a fraction of a tile from 0 to below 0.9")
     mmconfig.parse_lr(opts.lr)
     if opts.time_limit:
@@ -106,20 +110,35 @@ def decide(opts):
     base_cfg = mmconfig.load_base(base_config)  # a broken --model fails here, before any dataset is downloaded
     resume, resume_from = resume_mod.resume_point(opts.resume, opts.task, outputs, remote, labels)
     source = None if resume else pretrained.locate(opts.pretrained, base_config)
-    from .. import predictor
+    from .. import predictor, tiling
 
-    tiles = predictor.Tiling(opts.tile[0], opts.tile[1], opts.tile_overlap) if opts.tile else None
-    return Decision(outputs, remote, labels, splits, base_config, base_cfg, resume, resume_from, source, tiles)
+    tiles = tiling.parse_tile(opts.tile)
+    if isinstance(tiles, tuple):
+        tiles = predictor.Tiling(*tiles, 0.2 if opts.tile_overlap is None else opts.tile_overlap)
+    return Decision(outputs, remote, labels, splits, base_config, base_cfg, resume, resume_from, source, tiles,
+                    opts.tile_overlap)
 
 
-def _tiled(d, role, path, data, task):
+def _auto_tiles(train, overlap):
+    """`--tile auto`: the tiles tiling.auto_tile derives from the training annotations, said in the log."""
+    from .. import predictor, tiling
+
+    auto = tiling.auto_tile(train, overlap)
+    if auto is None:
+        raise UserError("--tile auto: the training set has no annotations to size the tiles from; give --tile W H")
+    log.info("--tile auto: %d annotations, mean object %.0f px (area %.0f px²), longest side %.0f px: tiles of "
+             "%dx%d overlapping %g", auto.annotations, auto.mean_area ** 0.5, auto.mean_area, auto.longest,
+             auto.size, auto.size, auto.overlap)
+    return predictor.Tiling(auto.size, auto.size, auto.overlap), auto
+
+
+def _tiled(t, role, path, data, task):
     """The training or validation set cut into tiles (tiling.cut_coco), kept in the cache under a key of the
     file's contents and the tile settings: a rerun (or resume) reuses it."""
     import hashlib
 
     from .. import tiling
 
-    t = d.tiles
     settings = f"{artifacts.sha256(path)} {t.width} {t.height} {t.overlap} {task} v1"
     key = hashlib.sha256(settings.encode()).hexdigest()[:16]
     folder = os.path.join(storage.cache_root(), "tiles", key)
@@ -147,14 +166,17 @@ def stage(d, task, fetch_pretrained=True):
         raise UserError(f"{d.splits[0][1]}: no image has an annotation; training needs annotated images")
     categories = [{"id": c["id"], "name": c["name"]} for c in sorted(train["categories"], key=lambda c: c["id"])]
     files = {role: os.path.abspath(local[role]) for role, _ in d.splits}
-    if d.tiles:  # train and validate on tiles; the test step predicts on the whole images, tile by tile
+    tiles, auto = d.tiles, None
+    if tiles == "auto":
+        tiles, auto = _auto_tiles(train, d.tile_overlap)
+    if tiles:  # train and validate on tiles; the test step predicts on the whole images, tile by tile
         for (role, _), report in zip(d.splits, reports, strict=True):
             if role != "test":
-                files[role] = _tiled(d, role, files[role], report.data, task)
+                files[role] = _tiled(tiles, role, files[role], report.data, task)
         num_train = _annotated_images(coco.read_json(files["train"]))
     data = mmconfig.DataFiles(*(files.get(r) for r in ("train", "valid", "test")))
     start = pretrained.fetch(d.pretrained) if fetch_pretrained else (d.pretrained.path if d.pretrained else None)
-    return Plan(d, data, num_train, categories, start)
+    return Plan(d, data, num_train, categories, start, tiles, auto)
 
 
 def plan(opts):
@@ -280,6 +302,8 @@ def _train(opts, p, where, device, cfg):
             "cvtk_job": {"model": os.path.basename(p.base_config)}}
     if p.tiles:  # inference tiles the same way by default
         meta["tile"] = {"width": p.tiles.width, "height": p.tiles.height, "overlap": p.tiles.overlap}
+        if p.auto_tile:
+            meta["tile"]["auto"] = dataclasses.asdict(p.auto_tile)
     checkpoints.save_weights(p.outputs.weights, runner.model, meta)
     with artifacts.atomic_path(p.outputs.config) as tmp:
         cfg.dump(tmp)
@@ -301,7 +325,10 @@ def _dry_run(opts, p, where, device, cfg):
     import json
 
     plan_ = {"model_config": p.base_config, "labels": list(p.labels), "data": dataclasses.asdict(p.data),
-             "num_train_images": p.num_train_images, "resume": p.resume, "resume_from": p.resume_from,
+             "num_train_images": p.num_train_images,
+             "tiles": dataclasses.asdict(p.tiles) if p.tiles else None,
+             "auto_tile": dataclasses.asdict(p.auto_tile) if p.auto_tile else None,
+             "resume": p.resume, "resume_from": p.resume_from,
              "pretrained": pretrained.shown(p.decision.pretrained.url or p.decision.pretrained.uri or p.pretrained)
              if p.decision.pretrained else None,
              "device": device, "outputs": {"weights": (p.remote or p.outputs).weights,

@@ -173,3 +173,31 @@ def test_train_on_tiles_then_inference_with_the_weights_defaults_gives_the_test_
     predicted = json.loads((pred / "instances.json").read_text())["annotations"]
     key = lambda a: (a["category_id"], round(a["score"], 5), [round(v, 3) for v in a["bbox"]])  # noqa: E731
     assert sorted(map(key, tested)) == sorted(map(key, predicted))
+
+
+def test_tile_auto_derives_the_tiles_from_the_training_annotations_and_says_so(shapes_model, tmp_path):
+    """--tile auto (dry run: the decision, nothing trained): the tile side makes the mean object area 3% of a tile
+    (rounded up to a multiple of 32), the overlap is the longest box side (99th percentile) over the tile; both
+    computed here from the JSON with numpy, and the log line gives them."""
+    from tests import synthetic
+    from tests.conftest import TINY_MODELS
+
+    label, _ = shapes_model
+    train = synthetic.write(tmp_path / "train", 2, (1024, 768), 40, (10, 20), seed=21)
+    anns = json.loads(train.read_text())["annotations"]
+    mean_area = np.mean([a["area"] for a in anns])
+    side = int(np.ceil(np.sqrt(mean_area / 0.03) / 32) * 32)
+    overlap = round(float(np.clip(np.percentile([max(a["bbox"][2:]) for a in anns], 99) / side, 0.1, 0.8)), 2)
+    result = run_cli("train", "--label", label, "--train", train, "--output_weights", tmp_path / "m" / "x.pth",
+                     "--model", TINY_MODELS["segm"], "--pretrained", "none", "--device", "cpu", "--tile", "auto",
+                     "--dry_run", env={"CVTK_JOB_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["tiles"] == {"width": side, "height": side, "overlap": overlap, "full_image": True}, plan
+    assert plan["auto_tile"]["annotations"] == len(anns)
+    assert f"tiles of {side}x{side} overlapping {overlap:g}" in result.stderr
+    assert not (tmp_path / "m").exists()
+    bad = run_cli("train", "--label", label, "--train", train, "--output_weights", tmp_path / "m" / "x.pth",
+                  "--tile", "auto", "640", "--dry_run")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "--tile auto 640: give the tile's width and height in pixels (e.g. --tile 640 640) or --tile auto")

@@ -174,3 +174,35 @@ def test_a_dataset_cut_into_tiles_keeps_every_object_in_the_tiles_that_hold_most
     # The strip: 900 px in all, 480 px in each tile = more than a quarter of it: kept in both, clipped.
     strips = [a for a in out["annotations"] if a["bbox"][3] <= 10]
     assert sorted(a["bbox"][2] for a in strips) == [160, 160] and all(a["area"] == 480 for a in strips)
+
+
+def test_tile_auto_sizes_the_tile_from_the_mean_object_area_and_the_overlap_from_the_longest_side():
+    """The rule written out by hand: 0.03 x tile area = mean object area, rounded up to a multiple of 32;
+    overlap = the 99th percentile of the longest box sides / tile."""
+    boxes = [[0, 0, 100, 100]] * 99 + [[0, 0, 130, 70]]  # areas 10,000 x 99 and 9,100 (no "area": the box)
+    data = {"images": [{"id": 1, "width": 4000, "height": 3000}],
+            "annotations": [{"bbox": b, "area": 10000.0} for b in boxes[:-1]] + [{"bbox": boxes[-1]}]}
+    auto = tiling.auto_tile(data)
+    mean_area = (99 * 10000 + 130 * 70) / 100
+    assert auto.mean_area == pytest.approx(mean_area)
+    assert auto.size == 608  # sqrt(9991 / 0.03) = 577.1 -> 19 x 32
+    longest = np.percentile([100] * 99 + [130], 99)  # 100.3
+    assert auto.overlap == pytest.approx(round(longest / 608, 2))
+    assert tiling.auto_tile(data, overlap=0.3).overlap == 0.3  # the user's overlap stays
+    # Objects large for their images: the tile is the whole image (its longest side), the overlap at most 0.8.
+    big = {"images": [{"id": 1, "width": 300, "height": 200}], "annotations": [{"bbox": [0, 0, 290, 190]}]}
+    assert (tiling.auto_tile(big).size, tiling.auto_tile(big).overlap) == (300, 0.8)
+    assert tiling.auto_tile({"images": data["images"], "annotations": []}) is None
+
+
+@pytest.mark.parametrize("words,expected", [(None, None), (["auto"], "auto"), (["640", "480"], (640, 480))])
+def test_tile_words_parse(words, expected):
+    assert tiling.parse_tile(words) == expected
+
+
+@pytest.mark.parametrize("words", [["8", "8"], ["640"], ["auto", "640"], ["640", "x"], ["-640", "640"]])
+def test_a_bad_tile_is_one_line_naming_the_flag(words):
+    from cvtk_job.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--tile "):
+        tiling.parse_tile(words)
