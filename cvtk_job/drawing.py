@@ -65,16 +65,19 @@ def draw(image, found, class_names, masks=None, crops=None):
 def fit(image, found, crops, max_pixels):
     """(image, detections, mask crops, factor) scaled down so that the image has at most `max_pixels`;
     factor 1 and the inputs themselves when it already has. Boxes are scaled, crops resized nearest-neighbour
-    (`crops` None: a box-only model)."""
+    (`crops` None: a box-only model). `image`: an array, or a `raster` source (read band by band when
+    scaled down: a 16000x16000 TIFF is never held whole)."""
     import cv2
 
-    height, width = image.shape[:2]
+    from . import raster
+
+    height, width = (image.height, image.width) if hasattr(image, "rows") else image.shape[:2]
     factor = min(1.0, math.sqrt(max_pixels / (width * height)))
     if factor >= 1.0:
-        return image, found, crops, 1.0
+        return (raster.whole(image) if hasattr(image, "rows") else image), found, crops, 1.0
     w, h = max(1, int(width * factor)), max(1, int(height * factor))
     fx, fy = w / width, h / height
-    small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    small = raster.shrink(image, w, h)
     shown = [dict(det, bbox=[det["bbox"][0] * fx, det["bbox"][1] * fy, det["bbox"][2] * fx, det["bbox"][3] * fy])
              for det in found]
     if crops is None:

@@ -146,35 +146,47 @@ class Tiling:
 
 
 def predict_tiled(model, transform, image, tiling_, batch_size, score_threshold, with_mask, full_size=None):
-    """One decoded image (H, W, 3) → merged `tiling.Piece`s in image coordinates, best first.
+    """One image → merged `tiling.Piece`s in image coordinates, best first. `image`: a decoded array (H, W, 3)
+    or a `raster` source, read a band of rows (one row of tiles) at a time.
 
-    Tiles are views of the image and are transformed `batch_size` at a time, so memory holds the image, one
-    batch of tiles and the detections. `full_size`: (W, H) the whole-image pass is scaled down to fit."""
-    from . import tiling
+    Tiles are cut from the band and transformed `batch_size` at a time, so memory holds at most two bands (a
+    batch may end one row of tiles and start the next), one batch of tiles and the detections.
+    `full_size`: (W, H) the whole-image pass is scaled down to fit."""
+    from . import raster, tiling
 
-    height, width = image.shape[:2]
-    found = []
+    source = image if hasattr(image, "rows") else raster.Decoded(image)
+    height, width = source.height, source.width
+    found, bands = [], {}
+
+    def pixels(x0, y0, x1, y1):
+        if (y0, y1) not in bands:
+            if len(bands) == 2:
+                bands.pop(next(iter(bands)))
+            bands[y0, y1] = source.rows(y0, y1)
+        return bands[y0, y1][:, x0:x1]
+
     tiles = tiling.grid(width, height, tiling_.width, tiling_.height, tiling_.overlap)
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start:start + batch_size]
-        datas = [transform(dict(img=image[y0:y1, x0:x1], img_id=0, img_path="")) for x0, y0, x1, y1 in chunk]
+        datas = [transform(dict(img=pixels(*tile), img_id=0, img_path="")) for tile in chunk]
         for (x0, y0, x1, y1), result in zip(chunk, predict(model, datas), strict=True):
             found += tiling.pieces(result.pred_instances, x0, y0, (x0, y0, x1, y1), score_threshold, with_mask)
+    bands.clear()
     if tiling_.full_image and len(tiles) > 1:
-        small, scale = _fit(image, full_size or (tiling_.width, tiling_.height))
+        small, scale = _fit(source, full_size or (tiling_.width, tiling_.height))
         result = predict(model, [transform(dict(img=small, img_id=0, img_path=""))])[0]
         found += tiling.pieces(result.pred_instances, 0, 0, (0, 0, width, height), score_threshold, with_mask,
                                scale=scale)
     return tiling.merge(found)
 
 
-def _fit(image, size):
-    """The image scaled down (never up) to fit `size` (W, H), and the image pixels per scaled pixel."""
-    import cv2
+def _fit(source, size):
+    """The image scaled down (never up) to fit `size` (W, H) (`raster.shrink`), and the image pixels per scaled
+    pixel."""
+    from . import raster
 
-    height, width = image.shape[:2]
-    factor = min(size[0] / width, size[1] / height, 1.0)
+    factor = min(size[0] / source.width, size[1] / source.height, 1.0)
     if factor >= 1.0:
-        return image, 1.0
-    w, h = max(1, int(math.floor(width * factor))), max(1, int(math.floor(height * factor)))
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA), width / w
+        return raster.whole(source), 1.0
+    w, h = max(1, int(math.floor(source.width * factor))), max(1, int(math.floor(source.height * factor)))
+    return raster.shrink(source, w, h), source.width / w

@@ -41,6 +41,17 @@ def _check(opts):
         raise UserError(f"--tile_overlap {opts.tile_overlap}: give a fraction of a tile from 0 to below 0.9")
 
 
+def _open_tiled(index, path):
+    """An image to predict on tile by tile, as a predictor Item holding its `raster` source (or the reason it
+    cannot be read)."""
+    from .. import predictor, raster
+
+    try:
+        return predictor.Item(index, original=raster.open_image(path))
+    except raster.ImageError as err:
+        return predictor.Item(index, error=str(err))
+
+
 def _tiling(opts, meta):
     """The tiles to predict on: --tile, else the ones the weights were trained on (train --tile), else none."""
     from .. import predictor
@@ -203,10 +214,10 @@ def run(opts):
     in_order = predictions.InputOrder(writer, shard)
     stopped = False
     if tiled:
-        # Decoded here, one image at a time, with no reader process: a reader would hold a second copy of each
-        # image and pickle it over to us (3 x 768 MB for a 16000x16000 RGB), while decoding takes a second
-        # against the minutes its tiles take in the model.
-        batches = ([dataset[i]] for i in range(len(dataset)))
+        # Read here, one image at a time, with no reader process: a reader would hold a second copy of each
+        # image and pickle it over to us (3 x 768 MB for a 16000x16000 RGB), while reading takes a second
+        # against the minutes its tiles take in the model. A TIFF is read band by band (raster.TiffBands).
+        batches = ([_open_tiled(i, dataset.refs[i].path)] for i in range(len(dataset)))
     else:
         # batch_size=None: the loader yields single items (read ahead by the workers); we batch by size.
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers,
@@ -231,7 +242,7 @@ def run(opts):
                 continue
             if tiled:  # one image: its tiles are the batches
                 item = good[0]
-                height, width = item.original.shape[:2]
+                height, width = item.original.height, item.original.width
                 merged = predictor.predict_tiled(model, transform, item.original, tiled, opts.batch_size,
                                                  opts.score_threshold, with_mask, predictor.input_size(cfg))
                 dets = [tiling.detection(p, height, width) for p in merged]
@@ -246,6 +257,7 @@ def run(opts):
                                  ref.name, image.shape[1], image.shape[0], factor, width, height)
                     _write_image(drawn[-1], drawing.draw(image, shown, labels, crops=crops))
                     del image
+                item.original.close()
                 done += 1
                 if done % 10 == 0:
                     log.info("inference: %d/%d images", done, len(found.images))

@@ -234,9 +234,7 @@ def run(opts):
 def _tiled_test(p, opts, runner, cfg, device):
     """The test step of a run on tiles: the whole test images predicted tile by tile and merged, exactly as
     `inference` does with these weights, so test_stats.json says what users will get."""
-    import cv2
-
-    from .. import predictions, predictor, tiling
+    from .. import predictions, predictor, raster, tiling
 
     model = getattr(runner.model, "module", runner.model)
     model.eval()
@@ -244,10 +242,11 @@ def _tiled_test(p, opts, runner, cfg, device):
     transform, size = predictor.pipeline(cfg), predictor.input_size(cfg)
     results = []
     for img in gt["images"]:
-        image = cv2.imread(os.path.join(os.path.dirname(p.data.test), img["file_name"]), cv2.IMREAD_COLOR)
-        height, width = image.shape[:2]
+        image = raster.open_image(os.path.join(os.path.dirname(p.data.test), img["file_name"]))
+        height, width = image.height, image.width
         merged = predictor.predict_tiled(model, transform, image, p.tiles, opts.batch_size, 0.0,
                                          opts.task == "segm", size)
+        image.close()
         results.append((int(img["id"]), [tiling.detection(piece, height, width) for piece in merged]))
     artifacts.write_json(p.outputs.test_outputs, predictions.coco_results(gt, results))
     log.info("test on tiles: %d images, %d detections", len(results), sum(len(r) for _, r in results))

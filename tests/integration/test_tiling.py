@@ -201,3 +201,34 @@ def test_tile_auto_derives_the_tiles_from_the_training_annotations_and_says_so(s
                   "--tile", "auto", "640", "--dry_run")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
         "--tile auto 640: give the tile's width and height in pixels (e.g. --tile 640 640) or --tile auto")
+
+
+def test_a_tiff_read_band_by_band_gives_the_detections_of_the_same_image_as_png(shapes_model, tmp_path):
+    """One 1000x700 field as PNG, as OpenCV's TIFF (LZW strips) and as a tiled deflate TIFF (a GIS mosaic's
+    layout): the TIFFs are read a band of rows at a time (raster.TiffBands), the PNG decoded whole; tiles and the
+    whole-image pass see the same pixels, so every detection is the same."""
+    import cv2
+    import tifffile
+
+    from tests import synthetic
+
+    label, weights = shapes_model
+    field = synthetic.write(tmp_path / "src", 1, (1000, 700), 40, (8, 14), seed=8)
+    image = cv2.imread(str(field.parent / json.loads(field.read_text())["images"][0]["file_name"]))
+    data = tmp_path / "data"
+    data.mkdir()
+    cv2.imwrite(str(data / "field.png"), image)
+    cv2.imwrite(str(data / "field_strips.tif"), image)
+    tifffile.imwrite(data / "field_tiles.tif", image[..., ::-1], tile=(128, 128), compression="zlib",
+                     photometric="rgb")
+    result = run_cli("inference", "--label", label, "--data", data, "--model_weights", weights, "--output",
+                     tmp_path / "out", "--tile", "256", "256", "--score_threshold", "0.3", "--device", "cpu",
+                     "--num_workers", "1", "--no_draw")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out" / "instances.json").read_text())
+    by_name = {img["file_name"]: img["id"] for img in out["images"]}
+    key = lambda a: (a["category_id"], a["score"], a["bbox"], a["segmentation"]["counts"])  # noqa: E731
+    found = {name: sorted(key(a) for a in out["annotations"] if a["image_id"] == i) for name, i in by_name.items()}
+    assert len(found["field.png"]) >= 20, "the model finds most of the 40 shapes"
+    assert found["field_strips.tif"] == found["field.png"]
+    assert found["field_tiles.tif"] == found["field.png"]
