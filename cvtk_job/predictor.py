@@ -166,17 +166,17 @@ def predict_tiled(model, transform, image, tiling_, batch_size, score_threshold,
         return bands[y0, y1][:, x0:x1]
 
     tiles = tiling.grid(width, height, tiling_.width, tiling_.height, tiling_.overlap)
+    if tiling_.full_image and len(tiles) > 1:  # first (the merge takes the pieces by score, not by order)
+        small, scale = _fit(source, full_size or (tiling_.width, tiling_.height))
+        result = predict(model, [transform(dict(img=small, img_id=0, img_path=""))])[0]
+        found += tiling.pieces(result.pred_instances, 0, 0, (0, 0, width, height), score_threshold, with_mask,
+                               scale=scale)
+        del small
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start:start + batch_size]
         datas = [transform(dict(img=pixels(*tile), img_id=0, img_path="")) for tile in chunk]
         for (x0, y0, x1, y1), result in zip(chunk, predict(model, datas), strict=True):
             found += tiling.pieces(result.pred_instances, x0, y0, (x0, y0, x1, y1), score_threshold, with_mask)
-    bands.clear()
-    if tiling_.full_image and len(tiles) > 1:
-        small, scale = _fit(source, full_size or (tiling_.width, tiling_.height))
-        result = predict(model, [transform(dict(img=small, img_id=0, img_path=""))])[0]
-        found += tiling.pieces(result.pred_instances, 0, 0, (0, 0, width, height), score_threshold, with_mask,
-                               scale=scale)
     return tiling.merge(found)
 
 

@@ -19,8 +19,8 @@ import numpy as np
 # TIFF may decode one level apart between libjpeg builds, so it is decoded by OpenCV like any JPEG).
 # 1 none, 5 LZW, 8 and 32946 deflate, 32773 PackBits, 34925 LZMA, 50000 Zstandard.
 LOSSLESS = {1, 5, 8, 32946, 32773, 34925, 50000}
-# Rows of a band `shrink` reads at a time, in pixels of the image (bounded like a tile band).
-SHRINK_BAND_PIXELS = 16 * 2**20
+# The pixels of a band `shrink` reads at a time (at least one block of rows): 2 Mpx, 24 MB as float32 BGR.
+SHRINK_BAND_PIXELS = 2 * 2**20
 
 
 class ImageError(Exception):
