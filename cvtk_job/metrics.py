@@ -198,10 +198,13 @@ def coco_stats(gt, pred, iou_type="segm", pred_name="predictions"):
     COCO, COCOeval = _evaluator()
     detections = _match_predictions(gt, pred, pred_name)
     names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    from . import analysis
+
     if not detections:
         log.warning("%s: no detections at all; every metric is 0", pred_name)
         zeros = dict.fromkeys(STAT_KEYS, 0.0)
-        return {"stats": dict(zeros), "class_stats": {n: dict(zeros) for n in names}}
+        return {"stats": dict(zeros), "class_stats": {n: dict(zeros) for n in names},
+                **analysis.analyze(gt, [], iou_type)}
     if iou_type == "segm":
         missing = [d.get("id") for d in detections if not d.get("segmentation")]
         if missing:
@@ -224,5 +227,7 @@ def coco_stats(gt, pred, iou_type="segm", pred_name="predictions"):
         "stats": {key: _value(evaluator, key) for key in STAT_KEYS},
         "class_stats": {id_to_name[cid]: {key: _value(evaluator, key, k) for key in STAT_KEYS}
                         for k, cid in enumerate(cat_ids)},
+        # Thresholds, confusions and counts: what the 12 numbers do not say (analysis).
+        **analysis.analyze(gt, detections, iou_type),
     }
 
