@@ -358,9 +358,13 @@ def raise_score_threshold(model_cfg, threshold):
     above the threshold come out the same; the mask head and RoIAlign, the slowest steps on CPU, no
     longer run for boxes that would be thrown away afterwards.
     """
+    # mmdet keeps scores strictly above score_thr and we keep those at least the threshold: a hair lower, so a
+    # detection scoring exactly the threshold (as a class's auto threshold, a score itself, always has one) stays.
+    floor = threshold * (1 - 1e-6)
+
     def visit(d):
-        if isinstance(d.get("score_thr"), (int, float)) and d["score_thr"] < threshold:
-            d["score_thr"] = threshold
+        if isinstance(d.get("score_thr"), (int, float)) and d["score_thr"] < floor:
+            d["score_thr"] = floor
     _walk(model_cfg.get("test_cfg") or {}, visit)
 
 

@@ -94,7 +94,8 @@ class InferenceOptions:
     batch_size: int = opt("images per batch (with --tile: tiles per batch)", 4)
     num_workers: Optional[int] = opt("image-reading worker processes (default: the CPUs available to the "
                                      "process, less one, at most 8)", None)
-    score_threshold: float = opt("keep detections scoring at least this", 0.5)
+    score_threshold: str = opt("keep detections scoring at least this (0 to 1); auto: each class's F1-optimal "
+                               "threshold, found by train's test step and kept in the weights", "0.5")
     device: Device = opt("where to run", "auto")
     no_draw: bool = opt("write instances.json only, no drawn images", False)
     tile: Optional[List[int]] = opt("cut each image into overlapping tiles of W x H pixels, predict on the tiles "

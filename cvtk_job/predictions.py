@@ -28,6 +28,15 @@ def kept_masks(pred, keep):
     return selected.permute(0, 2, 1).to(torch.uint8).contiguous().cpu().numpy().transpose(2, 1, 0)
 
 
+def passing(pred, score_threshold):
+    """Indices of the detections at or above the threshold: one number, or an array with one per class
+    (`inference --score_threshold auto`)."""
+    scores = pred["scores"].cpu().numpy()
+    if np.ndim(score_threshold):
+        return np.flatnonzero(scores >= np.asarray(score_threshold)[pred["labels"].cpu().numpy()])
+    return np.flatnonzero(scores >= score_threshold)
+
+
 def detections(pred, height, width, with_mask=True, score_threshold=0.0, masks=None):
     """DetDataSample.pred_instances → [{label, score, bbox, area[, segmentation]}], best first.
 
@@ -36,7 +45,7 @@ def detections(pred, height, width, with_mask=True, score_threshold=0.0, masks=N
     from pycocotools import mask as mask_utils
 
     scores = pred["scores"].cpu().numpy()
-    keep = np.flatnonzero(scores >= score_threshold)
+    keep = passing(pred, score_threshold)
     boxes = pred["bboxes"].cpu().numpy()[keep]
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)

@@ -55,8 +55,10 @@ def pieces(pred, x0, y0, seen, score_threshold, with_mask, scale=1.0):
     """A model's pred_instances on one region → Pieces in image coordinates. `x0, y0`: where the region's
     pixel (0, 0) lies in the image; `scale`: image pixels per prediction pixel (a whole-image pass on a
     downscaled image), masks then resized crop by crop."""
+    from .predictions import passing
+
     scores = pred["scores"].cpu().numpy()
-    keep = np.flatnonzero(scores >= score_threshold)
+    keep = passing(pred, score_threshold)
     if not len(keep):
         return []
     boxes = pred["bboxes"].cpu().numpy()[keep].astype(np.float64)

@@ -33,8 +33,13 @@ def _check(opts):
         raise UserError(f"--batch_size {opts.batch_size}: a batch holds at least 1 image")
     if opts.num_workers < 0:
         raise UserError(f"--num_workers {opts.num_workers}: use 0 (read in the main process) or more")
-    if not 0.0 <= opts.score_threshold <= 1.0:
-        raise UserError(f"--score_threshold {opts.score_threshold}: give a score between 0 and 1")
+    if opts.score_threshold != "auto":
+        try:
+            value = float(opts.score_threshold)
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"--score_threshold {opts.score_threshold}: give a score between 0 and 1, or auto")
     if opts.tile and opts.tile != [0, 0] and min(opts.tile) < 32:
         raise UserError(f"--tile {opts.tile[0]} {opts.tile[1]}: a tile is at least 32 x 32 pixels (0 0: no tiles)")
     if opts.tile_overlap is not None and not 0.0 <= opts.tile_overlap < 0.9:
@@ -129,6 +134,7 @@ class Decision:
     task: str
     categories: list
     tiling: Any = None  # predictor.Tiling, or None: whole images
+    threshold: Any = 0.5  # a score, or one per class (--score_threshold auto)
 
 
 def _check_output(output):
@@ -154,7 +160,22 @@ def decide(opts):
     with contextlib.redirect_stdout(sys.stderr):  # mmengine prints to stdout
         cfg = _load_config(opts, config_path, meta)
     categories = meta.get("categories") or [{"id": i, "name": n} for i, n in enumerate(labels)]
-    return Decision(labels, weights, cfg, _task(meta, weights["state_dict"]), categories, _tiling(opts, meta))
+    return Decision(labels, weights, cfg, _task(meta, weights["state_dict"]), categories, _tiling(opts, meta),
+                    _threshold(opts, meta, labels))
+
+
+def _threshold(opts, meta, labels):
+    """--score_threshold as a number, or for auto the per-class thresholds train's test step stored."""
+    if opts.score_threshold != "auto":
+        return float(opts.score_threshold)
+    saved = meta.get("score_thresholds")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(n), (int, float)) for n in labels):
+        raise UserError(f"--score_threshold auto: {opts.model_weights} holds no per-class thresholds (they are "
+                        "found by train's test step: train with --test); give a number, e.g. 0.5")
+    thresholds = [float(saved[n]) for n in labels]
+    log.info("score thresholds (F1-optimal on the training run's test set): %s",
+             ", ".join(f"{n} {t:.3g}" for n, t in zip(labels, thresholds, strict=True)))
+    return thresholds
 
 
 def _dry_run(opts, d, found):
@@ -162,7 +183,7 @@ def _dry_run(opts, d, found):
             "config": "--model_config" if opts.model_config else "inside the weights",
             "images": len(found.images), "input": found.kind, "first": [r.name for r in found.images[:5]],
             "tiles": dataclasses.asdict(d.tiling) if d.tiling else None,
-            "output": opts.output}
+            "score_threshold": d.threshold, "output": opts.output}
     print(json.dumps({"command": "inference", "options": dataclasses.asdict(opts), "plan": plan}, indent=2))
 
 
@@ -192,7 +213,9 @@ def run(opts):
 
     from .. import drawing, predictor, tiling
 
-    model = predictor.load_model(cfg, weights, device, opts.score_threshold, where=opts.model_weights)
+    threshold = d.threshold
+    floor = min(threshold) if isinstance(threshold, list) else threshold  # the model drops what is below all
+    model = predictor.load_model(cfg, weights, device, floor, where=opts.model_weights)
     with_mask = d.task == "segm"
     tiled = d.tiling
     transform = predictor.pipeline(cfg)
@@ -244,7 +267,7 @@ def run(opts):
                 item = good[0]
                 height, width = item.original.height, item.original.width
                 merged = predictor.predict_tiled(model, transform, item.original, tiled, opts.batch_size,
-                                                 opts.score_threshold, with_mask, predictor.input_size(cfg))
+                                                 threshold, with_mask, predictor.input_size(cfg))
                 dets = [tiling.detection(p, height, width) for p in merged]
                 crops = [(p.mask, p.mx0, p.my0) for p in merged] if with_mask else None
                 ref = found.images[item.index]
@@ -269,9 +292,9 @@ def run(opts):
                 pred = result.pred_instances
                 masks = None
                 if with_mask and "masks" in pred:  # moved to the host once, for the RLEs and the drawing
-                    keep = (pred.scores >= opts.score_threshold).nonzero().flatten().cpu().numpy()
+                    keep = predictions.passing(pred, threshold)
                     masks = predictions.kept_masks(pred, keep)
-                dets = predictions.detections(pred, height, width, with_mask, opts.score_threshold, masks)
+                dets = predictions.detections(pred, height, width, with_mask, threshold, masks)
                 in_order.add(item.index, item.index + 1, ref.name, int(width), int(height), dets)
                 if not opts.no_draw:
                     drawn.append(os.path.join(output, ref.name))
@@ -284,7 +307,7 @@ def run(opts):
         if stopped:  # inside the `with`: the writer discards its part, nothing final is written
             raise Interrupted(f"stopped by {signals.name()} after {done} of {len(shard)} images; rerun the same "
                               "command to complete the predictions")
-    log.info("inference done: %d images, %d detections (score >= %g), %d skipped%s",
+    log.info("inference done: %d images, %d detections (score >= %s), %d skipped%s",
              writer.num_images, writer.num_annotations, opts.score_threshold, len(skipped),
              f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else "")
     if where.distributed and storage.is_s3(opts.output):

@@ -203,6 +203,7 @@ def _test_stats(p, task):
     artifacts.write_json(p.outputs.test_stats, stats, indent=4)
     log.info("test: %s = %.4f over %d detections", metrics.STAT_KEYS[0], stats["stats"][metrics.STAT_KEYS[0]],
              len(pred["annotations"]))
+    return stats
 
 
 def run(opts):
@@ -303,6 +304,9 @@ def _train(opts, p, where, device, cfg):
         meta["tile"] = {"width": p.tiles.width, "height": p.tiles.height, "overlap": p.tiles.overlap}
         if p.auto_tile:
             meta["tile"]["auto"] = dataclasses.asdict(p.auto_tile)
+    if p.data.test:  # before the weights: they keep each class's F1-optimal threshold (inference's auto)
+        stats = _test_stats(p, opts.task)
+        meta["score_thresholds"] = {name: row["threshold"] for name, row in stats["best_f1"].items()}
     checkpoints.save_weights(p.outputs.weights, runner.model, meta)
     with artifacts.atomic_path(p.outputs.config) as tmp:
         cfg.dump(tmp)
@@ -310,7 +314,6 @@ def _train(opts, p, where, device, cfg):
     if p.data.valid:
         written += [p.outputs.valid_txt, p.outputs.valid_png]
     if p.data.test:
-        _test_stats(p, opts.task)
         written += [p.outputs.test_outputs, p.outputs.test_stats]
     written = [w for w in written if os.path.isfile(w)]
     _finish(p, written)

@@ -232,3 +232,42 @@ def test_a_rerun_into_the_same_output_leaves_exactly_its_own_files(small_data, t
     listed = [e["path"] for e in json.loads((out / "done.json").read_text())["outputs"]]
     assert listed == sorted([*kept, "instances.json"])
     assert sorted(i["file_name"] for i in load_instances(out)["images"]) == kept
+
+
+def test_score_threshold_auto_keeps_each_class_above_the_threshold_train_found(small_data, trained_segm, tmp_path):
+    """train --test stored each class's F1-optimal threshold (test_stats.json's best_f1) in the weights; with
+    --score_threshold auto inference keeps exactly the detections of a --score_threshold 0 run that reach their
+    class's threshold."""
+    stats = json.loads(trained_segm.with_name("strawberry.test_stats.json").read_text())
+    data = small_data / "test" / "images"
+    common = ["inference", "--label", small_data / "label.txt", "--data", data, "--model_weights", trained_segm,
+              "--device", "cpu", "--num_workers", "1", "--no_draw"]
+    result = run_cli(*common, "--output", tmp_path / "all", "--score_threshold", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(*common, "--output", tmp_path / "auto", "--score_threshold", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "score thresholds (F1-optimal on the training run's test set)" in result.stderr
+    everything = json.loads((tmp_path / "all" / "instances.json").read_text())
+    thresholds = {c["id"]: stats["best_f1"][c["name"]]["threshold"] for c in everything["categories"]}
+    every = everything["annotations"]
+    kept = json.loads((tmp_path / "auto" / "instances.json").read_text())["annotations"]
+    key = lambda a: (a["image_id"], a["category_id"], round(a["score"], 6), [round(v, 3) for v in a["bbox"]])  # noqa: E731
+    expected = [a for a in every if a["score"] >= thresholds[a["category_id"]]]
+    assert sorted(map(key, kept)) == sorted(map(key, expected))
+    assert 0 < len(kept) < len(every)
+
+
+def test_score_threshold_auto_needs_weights_trained_with_a_test_set(small_data, trained_segm, tmp_path):
+    import torch
+
+    weights = torch.load(trained_segm, weights_only=True)
+    del weights["meta"]["score_thresholds"]
+    torch.save(weights, tmp_path / "old.pth")
+    result = run_cli("inference", "--label", small_data / "label.txt", "--data", small_data / "test" / "images",
+                     "--model_weights", tmp_path / "old.pth", "--output", tmp_path / "out", "--score_threshold",
+                     "auto", "--device", "cpu")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "holds no per-class thresholds (they are found by train's test step: train with --test); give a number, "
+        "e.g. 0.5")
+    assert not (tmp_path / "out").exists()
