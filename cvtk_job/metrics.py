@@ -17,7 +17,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 MAX_DETS = [100, 300, 1000]
-# The tutorial's key order: TYPE@[IoU|area|maxDets].
+# The tutorial's key order: TYPE@[IoU|area|maxDets]. The AR keys are recall given that many detections per
+# image; every AP key is computed at one number, `max_dets` (see coco_stats), whatever its label says.
 STAT_KEYS = [
     "AP@[0.50:0.95|all|100]", "AP@[0.50|all|1000]", "AP@[0.75|all|1000]",
     "AP@[0.50:0.95|small|1000]", "AP@[0.50:0.95|medium|1000]", "AP@[0.50:0.95|large|1000]",
@@ -35,11 +36,11 @@ def _parse_key(key):
     return kind, iou, area, int(max_det)
 
 
-def _value(evaluator, key, class_index=None):
+def _value(evaluator, key, class_index=None, ap_max_dets=None):
     kind, iou, area, max_det = _parse_key(key)
     params = evaluator.params
     a = params.areaRngLbl.index(area)
-    m = params.maxDets.index(max_det)
+    m = params.maxDets.index(ap_max_dets if kind == "AP" and ap_max_dets else max_det)
     if ":" in iou:
         lo, hi = (float(v) for v in iou.split(":"))
         t = np.where((params.iouThrs >= lo - 1e-9) & (params.iouThrs <= hi + 1e-9))[0]
@@ -193,17 +194,33 @@ def _evaluator():
         return COCO, COCOeval
 
 
+def _densest(records):
+    per_image = {}
+    for r in records:
+        if not r.get("iscrowd"):
+            per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    return max(per_image.values(), default=0)
+
+
 def coco_stats(gt, pred, iou_type="segm", pred_name="predictions"):
-    """{'stats': {12 keys}, 'class_stats': {class name: {12 keys}}} of pred (COCO dict) against gt."""
+    """{'stats': {12 keys}, 'class_stats': {class name: {12 keys}}, 'max_dets', and analysis's keys} of pred (COCO
+    dict) against gt.
+
+    pycocotools computes its first AP at 100 detections per image and the others at its largest maxDets, while
+    mmdet's models output 100: on images with more objects the numbers disagreed and counted different sets of
+    detections. Here every AP is computed at `max_dets` = the most objects or detections in one image (at least
+    100), so every detection a model outputs counts in every AP (the model's own cap follows the data, see
+    train's --max_detections)."""
     COCO, COCOeval = _evaluator()
     detections = _match_predictions(gt, pred, pred_name)
     names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    max_dets = max(100, _densest(gt["annotations"]), _densest(detections))
     from . import analysis
 
     if not detections:
         log.warning("%s: no detections at all; every metric is 0", pred_name)
         zeros = dict.fromkeys(STAT_KEYS, 0.0)
-        return {"stats": dict(zeros), "class_stats": {n: dict(zeros) for n in names},
+        return {"stats": dict(zeros), "class_stats": {n: dict(zeros) for n in names}, "max_dets": max_dets,
                 **analysis.analyze(gt, [], iou_type)}
     if iou_type == "segm":
         missing = [d.get("id") for d in detections if not d.get("segmentation")]
@@ -218,15 +235,16 @@ def coco_stats(gt, pred, iou_type="segm", pred_name="predictions"):
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(detections)
         evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-        evaluator.params.maxDets = list(MAX_DETS)
+        evaluator.params.maxDets = sorted(set(MAX_DETS) | {max_dets})
         evaluator.evaluate()
         evaluator.accumulate()
     cat_ids = evaluator.params.catIds  # sorted ground-truth category ids
     id_to_name = {c["id"]: c["name"] for c in gt["categories"]}
     return {
-        "stats": {key: _value(evaluator, key) for key in STAT_KEYS},
-        "class_stats": {id_to_name[cid]: {key: _value(evaluator, key, k) for key in STAT_KEYS}
+        "stats": {key: _value(evaluator, key, ap_max_dets=max_dets) for key in STAT_KEYS},
+        "class_stats": {id_to_name[cid]: {key: _value(evaluator, key, k, max_dets) for key in STAT_KEYS}
                         for k, cid in enumerate(cat_ids)},
+        "max_dets": max_dets,
         # Thresholds, confusions and counts: what the 12 numbers do not say (analysis).
         **analysis.analyze(gt, detections, iou_type),
     }

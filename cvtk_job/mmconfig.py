@@ -117,6 +117,7 @@ class RunContext:
     resume: bool = False
     pretrained: Optional[str] = None  # weights to start from (loaded by CvtkPretrained, shapes permitting)
     remote_prefix: Optional[str] = None  # s3:// prefix the outputs are synced to after every epoch
+    max_detections: Optional[int] = None  # detections per image the model outputs (None: the config's)
 
 
 def _walk(node, visit):
@@ -270,6 +271,8 @@ def build_config(opts, base_config, ctx: RunContext):
     classes, with_mask = list(ctx.classes), opts.task == "segm"
     _set_num_classes(cfg.model, len(classes))
     _drop_pretrained_init(cfg.model)
+    if ctx.max_detections:
+        set_max_detections(cfg.model, ctx.max_detections)
 
     base_train = cfg.train_dataloader
     base_train_dataset = _innermost_dataset(base_train.dataset)
@@ -349,6 +352,21 @@ def build_config(opts, base_config, ctx: RunContext):
     cfg.metainfo = dict(classes=tuple(classes))
     cfg.cvtk_job = dict(task=opts.task, classes=classes)
     return cfg
+
+
+def set_max_detections(model_cfg, count):
+    """The model outputs up to `count` detections per image (every `max_per_img` after the RPN); the RPN
+    proposes at least as many boxes (its own `max_per_img`, 1000 in mmdet's configs, only ever raised)."""
+    def visit(d):
+        if isinstance(d.get("max_per_img"), int):
+            d["max_per_img"] = count
+
+    for key, part in (model_cfg.get("test_cfg") or {}).items():
+        if key == "rpn" and isinstance(part, dict):
+            if isinstance(part.get("max_per_img"), int) and part["max_per_img"] < count:
+                part["max_per_img"] = count
+        else:
+            _walk(part, visit)
 
 
 def raise_score_threshold(model_cfg, threshold):

@@ -72,6 +72,9 @@ class TrainOptions:
     tile_overlap: Optional[float] = opt("with --tile: how much neighbouring tiles overlap, as a fraction of a tile "
                                         "(default: 0.2; with --tile auto: the largest objects' share of a tile)",
                                         None)
+    max_detections: Optional[int] = opt("detections per image the model may output, and at which every test AP "
+                                         "is computed (default: the most objects in one image of the data, at "
+                                         "least 100, mmdet's default)", None)
     device: Device = opt("where to train", "auto")
     resume: str = opt("auto: continue an interrupted run of the same command; none: start over; "
                       "or a checkpoint path", "auto")

@@ -35,6 +35,7 @@ class Decision:
     pretrained: Optional[pretrained.Source]  # weights to start from when not resuming, or None
     tiles: Any = None  # predictor.Tiling (train --tile W H), "auto" (decided from the training set), or None
     tile_overlap: Optional[float] = None  # --tile_overlap as given (--tile auto derives one when it is None)
+    max_detections: Optional[int] = None  # --max_detections as given (None: from the data)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Plan:
     pretrained: Optional[str]  # the local file of decision.pretrained, present
     tiles: Any = None  # predictor.Tiling, decided (`--tile auto` from the staged training set), or None
     auto_tile: Any = None  # tiling.AutoTile: what `--tile auto` chose and from what
+    max_detections: int = 100  # detections per image the model outputs (--max_detections, else from the data)
 
     def __getattr__(self, name):  # the decision's fields read as the plan's
         if name == "decision":
@@ -73,6 +75,8 @@ def _check_numbers(opts):
     mmconfig.parse_lr(opts.lr)
     if opts.time_limit:
         signals.parse_duration(opts.time_limit)
+    if opts.max_detections is not None and opts.max_detections < 1:
+        raise UserError(f"--max_detections {opts.max_detections}: give at least 1 detection per image")
 
 
 def _annotated_images(data):
@@ -116,7 +120,7 @@ def decide(opts):
     if isinstance(tiles, tuple):
         tiles = predictor.Tiling(*tiles, 0.2 if opts.tile_overlap is None else opts.tile_overlap)
     return Decision(outputs, remote, labels, splits, base_config, base_cfg, resume, resume_from, source, tiles,
-                    opts.tile_overlap)
+                    opts.tile_overlap, opts.max_detections)
 
 
 def _auto_tiles(train, overlap):
@@ -152,6 +156,24 @@ def _tiled(t, role, path, data, task):
     return out
 
 
+def _max_detections(d, reports):
+    """--max_detections, else the most objects in one image of any split, at least mmdet's 100: a dense image
+    (hundreds of fruits) is not cut at 100 detections, and every test AP is computed at that number."""
+    if d.max_detections:
+        return d.max_detections
+    densest = 0
+    for report in reports:
+        per_image = {}
+        for ann in report.data["annotations"]:
+            if not ann.get("iscrowd"):
+                per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+        densest = max(densest, max(per_image.values(), default=0))
+    if densest > 100:
+        log.info("max detections per image: %d (the densest image has %d objects; mmdet's default is 100)",
+                 densest, densest)
+    return max(100, densest)
+
+
 def stage(d, task, fetch_pretrained=True):
     """Decision → Plan: download and validate the datasets, then the pretrained checkpoint (a dry run
     leaves that download to the real run: the config names the path either way)."""
@@ -176,7 +198,7 @@ def stage(d, task, fetch_pretrained=True):
         num_train = _annotated_images(coco.read_json(files["train"]))
     data = mmconfig.DataFiles(*(files.get(r) for r in ("train", "valid", "test")))
     start = pretrained.fetch(d.pretrained) if fetch_pretrained else (d.pretrained.path if d.pretrained else None)
-    return Plan(d, data, num_train, categories, start, tiles, auto)
+    return Plan(d, data, num_train, categories, start, tiles, auto, _max_detections(d, reports))
 
 
 def plan(opts):
@@ -190,7 +212,7 @@ def config(opts, p, where, device):
         output_prefix=os.path.abspath(p.outputs.prefix), num_train_images=p.num_train_images,
         device=device, load_from=p.resume_from, resume=p.resume, pretrained=p.pretrained,
         world_size=where.world_size, launcher="pytorch" if where.distributed else "none",
-        remote_prefix=p.remote.prefix if p.remote else None)
+        remote_prefix=p.remote.prefix if p.remote else None, max_detections=p.max_detections)
     return mmconfig.build_config(opts, p.base_cfg, ctx)
 
 

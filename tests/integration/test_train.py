@@ -207,3 +207,27 @@ def test_torchrun_two_processes_train_once_with_complete_outputs(small_data, tmp
     outputs = strict_json(tmp_path / "strawberry" / "test_outputs.coco.json")
     assert len(outputs["images"]) == 5  # both ranks' test images gathered
     assert {a["image_id"] for a in outputs["annotations"]} <= {i["id"] for i in outputs["images"]}
+
+
+def test_dense_images_raise_the_models_detection_cap_to_the_most_objects_in_one_image(tmp_path):
+    """A training set whose densest image holds more than mmdet's 100 objects: the run's config lets the model
+    output that many (dry run: the decision and the config, nothing trained); --max_detections overrides."""
+    from tests import synthetic
+
+    (tmp_path / "label.txt").write_text("\n".join(synthetic.CLASSES) + "\n")
+    train = synthetic.write(tmp_path / "train", 2, (1200, 1200), 140, (8, 12), seed=2)
+    per_image = {}
+    for ann in json.loads(train.read_text())["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    densest = max(per_image.values())
+    assert densest > 100
+    common = ["train", "--label", tmp_path / "label.txt", "--train", train, "--output_weights",
+              tmp_path / "m" / "x.pth", "--model", TINY_MODELS["segm"], "--pretrained", "none", "--device", "cpu",
+              "--dry_run"]
+    result = run_cli(*common, env={"CVTK_JOB_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    test_cfg = json.loads(result.stdout)["config"]["model"]["test_cfg"]
+    assert test_cfg["rcnn"]["max_per_img"] == densest
+    assert f"max detections per image: {densest}" in result.stderr
+    result = run_cli(*common, "--max_detections", "500", env={"CVTK_JOB_CACHE": str(tmp_path / "cache")})
+    assert json.loads(result.stdout)["config"]["model"]["test_cfg"]["rcnn"]["max_per_img"] == 500

@@ -121,3 +121,16 @@ def test_seed_reaches_mmengine_randomness(tmp_path):
 def test_model_index_knows_the_default_checkpoints():
     url = mmconfig.checkpoint_url(mmconfig.resolve_model(None, "segm"))
     assert url.startswith("https://") and "mask_rcnn_r101_fpn_1x_coco" in url
+
+
+@pytest.mark.parametrize("task", ["segm", "det"])
+def test_the_models_detection_cap_follows_the_data(tmp_path, task):
+    """With max_detections 250 the model outputs up to 250 detections per image (mmdet's 100 cut dense images),
+    and the RPN proposes at least that many (its 1000 is kept); without it the config's numbers stay."""
+    cfg = build(tmp_path, task, context={"max_detections": 250})
+    assert cfg.model.test_cfg.rcnn.max_per_img == 250
+    assert cfg.model.test_cfg.rpn.max_per_img == 1000
+    cfg = build(tmp_path, task, context={"max_detections": 1500})
+    assert (cfg.model.test_cfg.rcnn.max_per_img, cfg.model.test_cfg.rpn.max_per_img) == (1500, 1500)
+    cfg = build(tmp_path, task)
+    assert (cfg.model.test_cfg.rcnn.max_per_img, cfg.model.test_cfg.rpn.max_per_img) == (100, 1000)
