@@ -36,6 +36,7 @@ class TrainOutputs:
     valid_txt = property(lambda self: self.prefix + ".train_stats.valid.txt")
     valid_png = property(lambda self: self.prefix + ".train_stats.valid.png")
     test_stats = property(lambda self: self.prefix + ".test_stats.json")
+    report = property(lambda self: self.prefix + ".report.html")
     done = property(lambda self: self.prefix + ".done.json")
     failed = property(lambda self: self.prefix + ".failed.json")
     test_outputs = property(lambda self: os.path.join(self.prefix, "test_outputs.coco.json"))

@@ -74,6 +74,11 @@ def _image_matcher(gt_images):
     return match
 
 
+def matched_predictions(gt, pred, pred_name):
+    """The predictions with the ground truth's image and category ids (matched by file and class name)."""
+    return _match_predictions(gt, pred, pred_name)
+
+
 def _match_predictions(gt, pred, pred_name):
     """Predictions with image ids and category ids translated into the ground truth's."""
     match_image = _image_matcher(gt["images"])

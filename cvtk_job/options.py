@@ -120,6 +120,8 @@ class EvaluateOptions:
     pred: str = opt("predictions: test_outputs.coco.json or instances.json")
     output: str = opt("where to write the stats JSON")
     iou_type: Literal["segm", "bbox"] = opt("evaluate masks or boxes", "segm")
+    report: Optional[str] = opt("also write the HTML report (tables, plots, and a gallery of the worst-counted "
+                                "images when --gt is a local file beside its images), e.g. report.html", None)
 
 
 @command_options

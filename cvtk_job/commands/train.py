@@ -229,6 +229,7 @@ def _test_stats(p, task):
 
 
 def run(opts):
+    started = time.time()
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=launch.default_workers())
     gc.disable()  # until the first iteration (mmhooks.StartupGC): start-up builds large acyclic data
@@ -247,7 +248,7 @@ def run(opts):
         return _dry_run(opts, p, where, device, cfg)
     # From here on the run has started: a failure leaves a record. Before, nothing was written at all.
     try:
-        _train(opts, p, where, device, cfg)
+        _train(opts, p, where, device, cfg, started)
     except BaseException as err:
         if where.is_main:
             _record_failure(p, err)
@@ -291,7 +292,7 @@ def _record_failure(p, err):
         log.warning("could not write the failure record: %s", write_err)
 
 
-def _train(opts, p, where, device, cfg):
+def _train(opts, p, where, device, cfg, started):
     if p.resume:
         log.info("resuming from %s", p.resume_from or f"the latest checkpoint in {p.outputs.workspace}")
     if opts.amp and device != "cuda":
@@ -337,10 +338,43 @@ def _train(opts, p, where, device, cfg):
         written += [p.outputs.valid_txt, p.outputs.valid_png]
     if p.data.test:
         written += [p.outputs.test_outputs, p.outputs.test_stats]
+    _write_report(p, opts, runner, stats if p.data.test else None, where, device, started)
+    written.append(p.outputs.report)
     written = [w for w in written if os.path.isfile(w)]
     _finish(p, written)
     log.info("done: %d epochs; outputs next to %s", runner.epoch,
              p.remote.weights if p.remote else p.outputs.weights)
+
+
+def _version(name):
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _write_report(p, opts, runner, stats, where, device, started):
+    """X.report.html: the run's summary, curves, test tables and gallery (report)."""
+    from .. import metrics, report
+
+    summary = {"run": os.path.basename(p.outputs.prefix), "task": opts.task,
+               "model": os.path.basename(p.base_config), "epochs": runner.epoch,
+               "batch": f"{opts.batch_size} per process x {where.world_size} process(es)", "device": device,
+               "training images": p.num_train_images, "tiles": f"{p.tiles.width}x{p.tiles.height}, overlap "
+               f"{p.tiles.overlap:g}" if p.tiles else "none",
+               **{f"--{role}": uri for role, uri in p.decision.splits},
+               "run time": f"{(time.time() - started) / 60:.1f} min, finished "
+                           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+               "versions": ", ".join(f"{n} {_version(n)}" for n in ("cvtk-job", "torch", "mmdet", "mmengine", "mmcv"))}
+    gallery = None
+    if stats:
+        gt = coco.read_json(p.data.test)
+        detections = metrics.matched_predictions(gt, coco.read_json(p.outputs.test_outputs), p.outputs.test_outputs)
+        gallery = report.gallery(gt, detections, os.path.dirname(p.data.test), stats, opts.task)
+    report.write(p.outputs.report, summary, artifacts.read_tsv(p.outputs.train_txt),
+                 artifacts.read_tsv(p.outputs.valid_txt), stats, gallery)
 
 
 def _dry_run(opts, p, where, device, cfg):
