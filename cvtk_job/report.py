@@ -184,7 +184,8 @@ def _gallery_images(gt, detections, root, thresholds, counts, task):
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:8px 0;display:block;overflow-x:auto}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.pair{display:flex;gap:8px;margin:8px 0}
 .pair div{flex:1}.note{color:#555;font-size:0.9em}"""
 
@@ -203,7 +204,7 @@ def write(path, summary, train_rows, valid_rows, stats=None, gallery=None):
     if valid_rows:
         keys = [k for k in valid_rows[-1] if k.startswith("coco/") or k == "val_loss"]
         parts += ["<h2>Validation per epoch</h2>",
-                  _table(["epoch", *keys], [(r["step"], *(r.get(k, -1.0) for k in keys)) for r in valid_rows])]
+                  _table(["epoch", *keys], [(int(r["step"]), *(r.get(k, -1.0) for k in keys)) for r in valid_rows])]
     if stats:
         keys = list(stats["stats"])
         parts += [f"<h2>Test metrics</h2><p class='note'>COCO metrics; every AP at {stats.get('max_dets', 100)} "

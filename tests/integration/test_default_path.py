@@ -167,7 +167,7 @@ def assert_trained_from(out, checkpoint, task, result, log):
     assert log.read_text() == "", f"network or torchvision during the run:\n{log.read_text()}"
     names = ["strawberry.pth", "strawberry.py", "strawberry.train_stats.train.txt", "strawberry.train_stats.train.png",
              "strawberry.train_stats.valid.txt", "strawberry.train_stats.valid.png", "strawberry.test_stats.json",
-             "strawberry/test_outputs.coco.json", "strawberry.done.json"]
+             "strawberry/test_outputs.coco.json", "strawberry.report.html", "strawberry.done.json"]
     missing = [n for n in names if not (out / n).is_file()]
     assert not missing, missing
     assert not (out / "strawberry.failed.json").exists()
