@@ -139,7 +139,7 @@ def plot_stats(path, rows, x, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    skip = {x, "step", "epoch", "time", "data_time", "memory"}
+    skip = {x, "step", "epoch", "time", "data_time", "memory", "val_loss"}  # val_loss: on the loss panel
     columns = [c for c in (train_columns(rows) if x == "epoch" else valid_columns(rows))
                if c not in skip and any(row.get(c, -1.0) != -1.0 for row in rows)]
     if not columns:
@@ -150,7 +150,11 @@ def plot_stats(path, rows, x, title):
     xs = [row.get(x) for row in rows]
     for ax, column in zip(axes.flat, columns, strict=False):
         ys = [row.get(column, float("nan")) for row in rows]
-        ax.plot(xs, ys, marker="o", linewidth=1.5)
+        ax.plot(xs, ys, marker="o", linewidth=1.5, label="training" if column == "loss" else None)
+        if column == "loss" and any(row.get("val_loss", -1.0) != -1.0 for row in rows):
+            ax.plot(xs, [row.get("val_loss", float("nan")) for row in rows], marker="s", linewidth=1.5,
+                    label="validation")
+            ax.legend()
         ax.set_title(column)
         ax.set_xlabel("epoch")
         ax.set_ylabel(column.split("/")[-1])

@@ -1,7 +1,8 @@
 """MMEngine plug-ins, registered when `train` imports this module (before it builds the Runner).
 
 - `CvtkEpochStats` writes the tutorial's per-epoch stats files and plots after every epoch, from
-  every training iteration (not a 50-iteration window), so a crash or preemption loses nothing.
+  every training iteration (not a 50-iteration window), so a crash or preemption loses nothing; with a
+  validation set, the training rows gain `val_loss`: the loss on the validation images (no gradient).
 - `CvtkPretrained` loads the starting checkpoint (`--pretrained`) after MMEngine's weight init, keeping
   the model's own tensors where the checkpoint's shapes differ (a COCO head of 80 classes), in one line.
 - `CvtkCocoDetections` collects every detection of the test step (no score cut-off) and writes
@@ -85,8 +86,45 @@ class CvtkEpochStats(Hook):
         row.update({key: _mean(values) for key, values in self._val_times.items()})
         row["step"] = runner.epoch
         self.valid_rows = [r for r in self.valid_rows if r["step"] != row["step"]] + [row]
+        loss = _validation_loss(runner)
+        for train_row in self.train_rows:
+            if train_row["epoch"] == runner.epoch and loss is not None:
+                train_row["val_loss"] = loss
         if is_main_process():
             artifacts.write_valid_stats(self.outputs, self.valid_rows)
+            artifacts.write_train_stats(self.outputs, self.train_rows)
+
+
+def _validation_loss(runner):
+    """The training loss on the validation set (mean per image over every rank), under no_grad: whether the
+    model still generalises while the training loss falls. The random state is put back afterwards (the RoI
+    sampler draws from it), so training goes on exactly as without this pass."""
+    import random
+
+    import torch
+    from mmengine.dist import all_reduce, get_world_size
+
+    loader = runner.val_dataloader
+    model = getattr(runner.model, "module", runner.model)
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    total, images = torch.zeros(2, dtype=torch.float64), 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                data = model.data_preprocessor(batch, False)
+                if not all("gt_instances" in s for s in data["data_samples"]):
+                    return None  # a validation pipeline without annotations: no loss to compute
+                loss, _ = model.parse_losses(model.loss(data["inputs"], data["data_samples"]))
+                total[0] += float(loss) * len(data["data_samples"])
+                images += len(data["data_samples"])
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+    total[1] = images
+    if get_world_size() > 1:
+        all_reduce(total)  # sums: every rank's images
+    return float(total[0] / total[1]) if total[1] else None
 
 
 @FUNCTIONS.register_module()

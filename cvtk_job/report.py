@@ -47,7 +47,7 @@ def curves(train_rows, valid_rows):
     ax = axes[0]
     xs = [r["epoch"] for r in train_rows]
     ax.plot(xs, [r.get("loss", float("nan")) for r in train_rows], marker="o", label="training loss")
-    val_loss = [(r["step"], r["val_loss"]) for r in valid_rows if r.get("val_loss", -1) != -1]
+    val_loss = [(r["epoch"], r["val_loss"]) for r in train_rows if r.get("val_loss", -1) != -1]
     if val_loss:
         ax.plot(*zip(*val_loss, strict=True), marker="s", label="validation loss")
     ax.set(title="Loss per epoch", xlabel="epoch", ylabel="loss")

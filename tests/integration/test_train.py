@@ -16,8 +16,8 @@ from tests.conftest import REPO, SPEED, TINY_MODELS, run_cli
 pytestmark = pytest.mark.slow
 
 TRAIN_COLUMNS = {
-    "segm": "epoch lr data_time loss loss_rpn_cls loss_rpn_bbox loss_cls acc loss_bbox loss_mask time".split(),
-    "det": "epoch lr data_time loss loss_rpn_cls loss_rpn_bbox loss_cls acc loss_bbox time".split(),
+    "segm": "epoch lr data_time loss loss_rpn_cls loss_rpn_bbox loss_cls acc loss_bbox loss_mask val_loss time".split(),
+    "det": "epoch lr data_time loss loss_rpn_cls loss_rpn_bbox loss_cls acc loss_bbox val_loss time".split(),
 }
 METRIC_SUFFIXES = ["mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"]
 
@@ -81,6 +81,7 @@ def test_train_writes_every_output_of_the_tutorial(small_data, tmp_path, task):
     assert header == TRAIN_COLUMNS[task]
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(float(r["loss"]) > 0 for r in rows)
+    assert all(0 < float(r["val_loss"]) < 100 for r in rows)  # the loss on the validation images, every epoch
 
     header, rows = read_tsv(tmp_path / "strawberry.train_stats.valid.txt")
     kinds = ["bbox", "segm"] if task == "segm" else ["bbox"]
