@@ -70,6 +70,17 @@ class CvtkEpochStats(Hook):
         self.train_rows = [r for r in self.train_rows if r["epoch"] != row["epoch"]] + [row]
         if is_main_process():
             artifacts.write_train_stats(self.outputs, self.train_rows)
+            self._report(runner)
+
+    def _report(self, runner):
+        """The report as far as the run has come (curves and validation tables); train writes the whole one
+        at the end."""
+        from . import report
+
+        summary = {"run": os.path.basename(self.outputs.prefix),
+                   "progress": f"epoch {max(r['epoch'] for r in self.train_rows):g} of {runner.max_epochs} "
+                               "(training)"}
+        report.write(self.outputs.report, summary, self.train_rows, self.valid_rows)
 
     def before_val_epoch(self, runner):
         self._val_times = defaultdict(list)
@@ -93,6 +104,7 @@ class CvtkEpochStats(Hook):
         if is_main_process():
             artifacts.write_valid_stats(self.outputs, self.valid_rows)
             artifacts.write_train_stats(self.outputs, self.train_rows)
+            self._report(runner)
 
 
 def _validation_loss(runner):
@@ -234,7 +246,8 @@ class CvtkSyncOut(Hook):
         if not is_main_process():
             return
         pointer = os.path.join(self.outputs.workspace, "last_checkpoint")
-        files = [self.outputs.train_txt, self.outputs.train_png, self.outputs.valid_txt, self.outputs.valid_png]
+        files = [self.outputs.train_txt, self.outputs.train_png, self.outputs.valid_txt, self.outputs.valid_png,
+                 self.outputs.report]
         if os.path.isfile(pointer):
             with open(pointer, encoding="utf-8") as fh:
                 files.append(fh.read().strip())
