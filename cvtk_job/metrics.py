@@ -199,7 +199,8 @@ def _evaluator():
         return COCO, COCOeval
 
 
-def _densest(records):
+def densest(records):
+    """The most objects (records not on a crowd region) in one image."""
     per_image = {}
     for r in records:
         if not r.get("iscrowd"):
@@ -219,7 +220,7 @@ def coco_stats(gt, pred, iou_type="segm", pred_name="predictions"):
     COCO, COCOeval = _evaluator()
     detections = _match_predictions(gt, pred, pred_name)
     names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
-    max_dets = max(100, _densest(gt["annotations"]), _densest(detections))
+    max_dets = max(100, densest(gt["annotations"]), densest(detections))
     from . import analysis
 
     if not detections:

@@ -161,13 +161,9 @@ def _max_detections(d, reports):
     (hundreds of fruits) is not cut at 100 detections, and every test AP is computed at that number."""
     if d.max_detections:
         return d.max_detections
-    densest = 0
-    for report in reports:
-        per_image = {}
-        for ann in report.data["annotations"]:
-            if not ann.get("iscrowd"):
-                per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
-        densest = max(densest, max(per_image.values(), default=0))
+    from ..metrics import densest as most_in_one_image
+
+    densest = max(most_in_one_image(report.data["annotations"]) for report in reports)
     if densest > 100:
         log.info("max detections per image: %d (the densest image has %d objects; mmdet's default is 100)",
                  densest, densest)
