@@ -80,6 +80,10 @@ SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 {slurmd}
 AuthType=auth/none
+# A requeued job waits cred_expire + 1 s before it may start again (the old credential must expire first;
+# releasing it earlier got "Job credential revoked"): 20 s instead of the default 120 keeps the requeue test
+# short. Launches here take well under a second, far inside the credential's life.
+AuthInfo=cred_expire=20
 CredType=cred/none
 SlurmUser=root
 SlurmdUser=root

@@ -81,8 +81,9 @@ def test_two_nodes_train_then_a_usr1_requeues_and_finishes_every_epoch_once(slur
         time.sleep(0.5)
     # What --signal=B:USR1@… does before the time limit: USR1 to the batch shell, which passes it on.
     assert slurm2.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
-    # Slurm holds the requeued job (BeginTime) before starting it again. Not released early: started at once,
-    # slurmd killed it ("Job credential revoked": the first attempt's credential; seen in CI).
+    # Slurm holds the requeued job (BeginTime = now + cred_expire + 1, 21 s with the test cluster's config) before
+    # starting it again. Not released early: started at once, slurmd killed it ("Job credential revoked": the
+    # first attempt's credential; seen in CI).
     while job_info(slurm2, job)[0] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
         assert time.time() < deadline, job_info(slurm2, job)
         time.sleep(1)
