@@ -78,7 +78,8 @@ class CvtkEpochStats(Hook):
         from . import report
 
         summary = {"run": os.path.basename(self.outputs.prefix),
-                   "progress": f"epoch {max(r['epoch'] for r in self.train_rows):g} of {runner.max_epochs} "
+                   "progress": f"epoch {max((r['epoch'] for r in self.train_rows), default=runner.epoch):g} of "
+                               f"{runner.max_epochs} "
                                "(training)"}
         report.write(self.outputs.report, summary, self.train_rows, self.valid_rows)
 
