@@ -130,6 +130,9 @@ def _validation_loss(runner):
                 loss, _ = model.parse_losses(model.loss(data["inputs"], data["data_samples"]))
                 total[0] += float(loss) * len(data["data_samples"])
                 images += len(data["data_samples"])
+    except Exception as err:  # noqa: BLE001 - a number for the plots never stops a training run
+        runner.logger.warning(f"validation loss not computed ({type(err).__name__}: {str(err)[:200]})")
+        return None
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
