@@ -119,8 +119,10 @@ def _validation_loss(runner):
 
     loader = runner.val_dataloader
     model = getattr(runner.model, "module", runner.model)
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    total, images = torch.zeros(2, dtype=torch.float64), 0
+    cuda = torch.cuda.is_available()
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if cuda else None)
+    total, images = torch.zeros(3, dtype=torch.float64), 0  # loss sum, images, ranks that failed
     try:
         with torch.no_grad():
             for batch in loader:
@@ -132,15 +134,17 @@ def _validation_loss(runner):
                 images += len(data["data_samples"])
     except Exception as err:  # noqa: BLE001 - a number for the plots never stops a training run
         runner.logger.warning(f"validation loss not computed ({type(err).__name__}: {str(err)[:200]})")
-        return None
+        total[2] = 1  # still joins the all_reduce below: the other ranks wait in it
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+        if cuda:
+            torch.cuda.set_rng_state_all(states[3])  # the RoI sampler draws on the GPU there
     total[1] = images
     if get_world_size() > 1:
         all_reduce(total)  # sums: every rank's images
-    return float(total[0] / total[1]) if total[1] else None
+    return float(total[0] / total[1]) if total[1] and not total[2] else None
 
 
 @FUNCTIONS.register_module()
