@@ -49,7 +49,7 @@ def test_an_object_above_the_multipart_threshold_goes_both_ways_intact(s3_server
 
     storage, proxy, bucket = store
     big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(transfer.PART_BYTES * 2 + 12345))
+    big.write_bytes(os.urandom(transfer.LARGE_PART_BYTES * 2 + 12345))
     outbox = storage.Outbox(str(tmp_path), f"s3://{bucket}/up")
     outbox.sync([str(big)])
     uploads = [q for m, p, q in proxy.queries if m == "PUT" and p == f"/{bucket}/up/big.bin" and "partNumber" in q]
@@ -84,6 +84,26 @@ def test_a_missing_named_object_is_one_error_and_the_others_are_fetched_once(s3_
     gets = proxy.gets(f"/{bucket}/n/")
     assert gets == {f"/{bucket}/n/{i:02d}.jpg": 1 for i in [*range(40), 99]}  # one GET each, no listing
     assert proxy.listings() == []
+
+
+def test_a_local_cache_failure_mid_call_cancels_the_rest_and_names_the_folder(s3_server, store, tmp_path):
+    """One object's cache folder cannot be made (a file is in the way) while hundreds of others are in flight:
+    one StorageError naming the object and the folder, the others cancelled (no part files left behind)."""
+    from cvtk_job.errors import StorageError
+
+    storage, proxy, bucket = store
+    client = s3_server.client()
+    keys = [f"ok/{i:03d}.jpg" for i in range(300)]
+    keys.insert(100, "blocked/x.jpg")
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    listing = storage.list_objects(f"s3://{bucket}/")
+    blocked = os.path.dirname(storage.cache_path(f"s3://{bucket}/blocked/x.jpg"))
+    os.makedirs(os.path.dirname(blocked), exist_ok=True)
+    open(blocked, "w").close()
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/blocked/x\.jpg: cannot create .*blocked in the local"):
+        storage.stage_objects({uri: listing[uri] for uri in (f"s3://{bucket}/{k}" for k in keys)})
+    assert list((tmp_path / "cache").rglob("*.part-*")) == []
 
 
 def test_long_transfers_log_progress_with_files_bytes_and_time_left(s3_server, store, monkeypatch, caplog):
