@@ -91,3 +91,15 @@ def fit(image, found, crops, max_pixels):
             if mask.size else np.zeros((0, 0), np.uint8)
         scaled.append((resized.astype(bool), sx0, sy0))
     return small, shown, scaled, factor
+
+
+def write_image(path, image):
+    """Write a drawn image atomically (a reader never sees half a file)."""
+    import cv2
+
+    from .artifacts import atomic_path
+    from .errors import UserError
+
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(tmp, image):
+            raise UserError(f"{path}: cannot write the drawn image (unsupported extension?)")

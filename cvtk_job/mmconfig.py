@@ -118,6 +118,7 @@ class RunContext:
     pretrained: Optional[str] = None  # weights to start from (loaded by CvtkPretrained, shapes permitting)
     remote_prefix: Optional[str] = None  # s3:// prefix the outputs are synced to after every epoch
     max_detections: Optional[int] = None  # detections per image the model outputs (None: the config's)
+    precision: str = "fp32"  # fp32, fp16 or bf16 (decided by `precision()`)
 
 
 def _walk(node, visit):
@@ -259,6 +260,17 @@ def _learning_rate(opts, cfg):
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=BASE_BATCH_SIZE)
 
 
+def precision(opts, device):
+    """(precision, why): --precision, else --amp (fp16), else fp16 on CUDA and fp32 elsewhere. Mixed precision
+    exists on CUDA only (MMEngine's AmpOptimWrapper): asked for elsewhere, the run is fp32 and says so."""
+    asked = opts.precision or ("fp16" if opts.amp else None)
+    if device != "cuda":
+        if asked in ("fp16", "bf16"):
+            return "fp32", f"--precision {asked} needs a CUDA GPU; training in fp32 on {device}"
+        return "fp32", None
+    return asked or "fp16", None
+
+
 def build_config(opts, base_config, ctx: RunContext):
     """Options + run context → the complete MMEngine config for training (and the test step).
 
@@ -316,9 +328,12 @@ def build_config(opts, base_config, ctx: RunContext):
     cfg.param_scheduler = _scale_schedule(cfg.get("param_scheduler") or [], base_epochs, opts.epoch,
                                           iters_per_epoch * opts.epoch)
     _learning_rate(opts, cfg)
-    if opts.amp and ctx.device == "cuda":
+    if ctx.precision in ("fp16", "bf16"):
         cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.loss_scale = "dynamic"
+        # fp16's narrow exponent range needs the loss scaled (dynamically: raised while no gradient overflows);
+        # bf16 has fp32's range, and a fixed scale of 1 leaves its gradients as they are.
+        cfg.optim_wrapper.loss_scale = "dynamic" if ctx.precision == "fp16" else 1.0
+        cfg.optim_wrapper.dtype = "float16" if ctx.precision == "fp16" else "bfloat16"
 
     cfg.randomness = dict(seed=opts.seed, deterministic=False)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True,

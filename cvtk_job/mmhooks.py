@@ -5,6 +5,8 @@
   validation set, the training rows gain `val_loss`: the loss on the validation images (no gradient).
 - `CvtkPretrained` loads the starting checkpoint (`--pretrained`) after MMEngine's weight init, keeping
   the model's own tensors where the checkpoint's shapes differ (a COCO head of 80 classes), in one line.
+- `CvtkTrainLoop` is MMEngine's epoch loop whose step survives running out of GPU memory: the batch is
+  split into parts whose gradients add up to the whole batch's (same global batch, same learning rate).
 - `CvtkCocoDetections` collects every detection of the test step (no score cut-off) and writes
   `test_outputs.coco.json`, from which `metrics.coco_stats` computes the test stats.
 """
@@ -17,8 +19,8 @@ import numpy as np
 from mmengine.dist import is_main_process
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
-from mmengine.registry import FUNCTIONS, HOOKS, METRICS
-from mmengine.runner import Runner
+from mmengine.registry import FUNCTIONS, HOOKS, LOOPS, METRICS
+from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from . import artifacts, predictions
 
@@ -329,12 +331,20 @@ def use_parsed_coco():
 
 
 class CvtkRunner(Runner):
-    """MMEngine's Runner, except that a checkpoint's `meta.config` is never executed.
+    """MMEngine's Runner, except that its epoch loop is CvtkTrainLoop and a checkpoint's `meta.config` is never
+    executed.
 
     `Runner.resume` executes `checkpoint["meta"]["config"]` as a Python config (to compare GPU counts): a
     `--resume` file from someone else, whose `config` string holds code, would run that code. The key is
     dropped from the loaded checkpoint; cvtk-job and MMEngine write the config as `cfg`, which MMEngine
     does not execute. (Without it, test_migrate's poisoned --resume checkpoint ran its code.)"""
+
+    def build_train_loop(self, loop):
+        """The config's EpochBasedTrainLoop runs as CvtkTrainLoop (OOM back-off). The config keeps MMEngine's
+        name: the X.py written beside the weights stays loadable where cvtk-job is not installed."""
+        if isinstance(loop, dict) and loop.get("type") == "EpochBasedTrainLoop":
+            loop = dict(loop, type="CvtkTrainLoop")
+        return super().build_train_loop(loop)
 
     def load_checkpoint(self, *args, **kwargs):
         checkpoint = super().load_checkpoint(*args, **kwargs)
@@ -360,3 +370,106 @@ class StartupGC(Hook):
 
         gc.freeze()
         gc.enable()
+
+
+# Test hook (documented in the README): raise a real torch.OutOfMemoryError in the training step of this global
+# iteration (counted from 0), once, as CUDA does when a batch of dense images does not fit.
+OOM_TEST_HOOK = "CVTK_JOB_TEST_OOM_AT_ITER"
+MAX_SPLITS = 3  # halvings: at most 8 parts, then the error stands (a single image that does not fit)
+
+
+@LOOPS.register_module()
+class CvtkTrainLoop(EpochBasedTrainLoop):
+    """EpochBasedTrainLoop whose step survives a CUDA out-of-memory error.
+
+    On OOM the step's gradients are dropped, the GPU cache emptied, and the same batch is run again in twice as
+    many parts (each part's loss weighted by its share of the batch, gradients accumulated, one optimizer step):
+    the global batch, the learning rate and the number of steps stay what they were, only the images per forward
+    pass halve. At most MAX_SPLITS halvings, each logged and kept in the message hub (saved with checkpoints, so a
+    resumed run starts split) and in the weights' metadata (`oom_backoff`).
+
+    Under torch.distributed an OOM in the forward pass is survived the same way (no collective has started; the
+    rank that splits joins the gradient all-reduce at its last part); one in the backward pass, after buckets were
+    all-reduced, cannot be replayed on one rank alone and stops the run as before.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parts = 1
+        self._injected = False
+
+    @property
+    def backoffs(self):
+        return list(self.runner.message_hub.get_info("cvtk_oom_backoff") or [])
+
+    def run_iter(self, idx, data_batch):
+        self.runner.call_hook("before_train_iter", batch_idx=idx, data_batch=data_batch)
+        outputs = self._step(data_batch)
+        self.runner.call_hook("after_train_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
+        self._iter += 1
+
+    def _step(self, data_batch):
+        import torch
+
+        backoffs = self.backoffs
+        self.parts = max(self.parts, backoffs[-1]["parts"] if backoffs else 1)
+        while True:
+            try:
+                self._maybe_inject()
+                if self.parts == 1:
+                    return self.runner.model.train_step(data_batch, optim_wrapper=self.runner.optim_wrapper)
+                return self._step_in_parts(data_batch)
+            except torch.OutOfMemoryError as err:
+                images = len(data_batch["inputs"])
+                if len(backoffs) >= MAX_SPLITS or self.parts >= images:
+                    raise
+                self.runner.optim_wrapper.zero_grad()
+                del err  # its traceback holds the step's tensors
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.parts *= 2
+                backoffs.append({"iteration": self._iter, "epoch": self._epoch, "parts": self.parts,
+                                 "images_per_pass": -(-images // self.parts), "batch": images})
+                self.runner.message_hub.update_info("cvtk_oom_backoff", backoffs)
+                self.runner.logger.warning(
+                    "out of GPU memory at iteration %d (epoch %d): the batch of %d images now runs in %d parts of "
+                    "at most %d, gradients accumulated (same batch and learning rate per step)", self._iter,
+                    self._epoch + 1, images, self.parts, -(-images // self.parts))
+
+    def _maybe_inject(self):
+        import torch
+
+        at = os.environ.get(OOM_TEST_HOOK)
+        if at and not self._injected and self._iter == int(at):
+            self._injected = True
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected at iteration {at} by {OOM_TEST_HOOK})")
+
+    def _step_in_parts(self, data_batch):
+        """One optimizer step over the batch, run in `self.parts` parts."""
+        import contextlib
+
+        import torch
+        from mmengine.model import is_model_wrapper
+
+        model, optim = self.runner.model, self.runner.optim_wrapper
+        module = model.module if is_model_wrapper(model) else model
+        images = len(data_batch["inputs"])
+        chunks = [c for c in np.array_split(np.arange(images), self.parts) if len(c)]
+        totals = {}
+        for j, chunk in enumerate(chunks):
+            part = {key: [value[i] for i in chunk] for key, value in data_batch.items()}
+            last = j == len(chunks) - 1
+            # DDP all-reduces the gradients at the last part's backward only (the others accumulate locally).
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with optim.optim_context(model):  # autocast under AmpOptimWrapper
+                    data = module.data_preprocessor(part, True)
+                    losses = model._run_forward(data, mode="loss")
+                loss, log_vars = module.parse_losses(losses)
+                share = len(chunk) / images
+                optim.backward(loss * share)
+            for key, value in log_vars.items():
+                totals[key] = totals.get(key, 0) + value * share
+        optim.step()
+        optim.zero_grad()
+        return {key: value.detach() if isinstance(value, torch.Tensor) else value for key, value in totals.items()}

@@ -61,7 +61,11 @@ class TrainOptions:
     lr: str = opt("learning rate; auto scales the config's rate from its batch of 16 to the real "
                   "global batch", "auto")
     seed: int = opt("random seed (same seed, same losses on CPU)", 0)
-    amp: bool = opt("mixed precision on CUDA (ignored on CPU)", False)
+    precision: Optional[Literal["fp32", "fp16", "bf16"]] = opt(
+        "arithmetic of training: fp16 (mixed precision with dynamic loss scaling), bf16 (mixed, no loss scaling "
+        "needed; Ampere or newer) or fp32 (default: fp16 on CUDA, fp32 on CPU, where mixed precision is not "
+        "available)", None)
+    amp: bool = opt("the same as --precision fp16 (kept for older command lines)", False)
     image_size: Optional[List[int]] = opt("resize images to fit W H (keeping their aspect ratio)",
                                           None, nargs=2, type=int, metavar=("W", "H"))
     tile: Optional[List[str]] = opt("train on overlapping tiles of the images (annotations clipped to each tile): "

@@ -37,6 +37,32 @@ def passing(pred, score_threshold):
     return np.flatnonzero(scores >= score_threshold)
 
 
+def kept(pred, height, width, score_threshold=0.0):
+    """(indices, boxes x1 y1 x2 y2 clipped to the image, scores, labels) of the detections that pass the threshold,
+    on the host, best first as the model gave them."""
+    keep = passing(pred, score_threshold)
+    boxes = pred["bboxes"].cpu().numpy()[keep]
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return keep, boxes, pred["scores"].cpu().numpy()[keep], pred["labels"].cpu().numpy()[keep]
+
+
+def _records(boxes, scores, labels, rle=None):
+    """[{label, score, bbox, area[, segmentation]}]; `rle(i, x1, x2)` → (COCO RLE, area) of detection i's mask."""
+    found = []
+    for i, score in enumerate(scores):
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        det = {"label": int(labels[i]), "score": float(score), "bbox": [x1, y1, x2 - x1, y2 - y1],
+               "area": (x2 - x1) * (y2 - y1)}
+        if rle is not None:
+            encoded, area = rle(i, x1, x2)
+            det["area"] = float(area)
+            det["segmentation"] = {"size": [int(s) for s in encoded["size"]],
+                                   "counts": encoded["counts"].decode("ascii")}
+        found.append(det)
+    return found
+
+
 def detections(pred, height, width, with_mask=True, score_threshold=0.0, masks=None):
     """DetDataSample.pred_instances → [{label, score, bbox, area[, segmentation]}], best first.
 
@@ -44,26 +70,93 @@ def detections(pred, height, width, with_mask=True, score_threshold=0.0, masks=N
     """
     from pycocotools import mask as mask_utils
 
-    scores = pred["scores"].cpu().numpy()
-    keep = passing(pred, score_threshold)
-    boxes = pred["bboxes"].cpu().numpy()[keep]
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    labels = pred["labels"].cpu().numpy()[keep]
+    keep, boxes, scores, labels = kept(pred, height, width, score_threshold)
     if with_mask and "masks" in pred and len(keep) and masks is None:
         masks = kept_masks(pred, keep)
-    with_rle = with_mask and "masks" in pred and len(keep)
-    found = []
-    for i, score in enumerate(scores[keep]):
-        x1, y1, x2, y2 = (float(v) for v in boxes[i])
-        det = {"label": int(labels[i]), "score": float(score), "bbox": [x1, y1, x2 - x1, y2 - y1],
-               "area": (x2 - x1) * (y2 - y1)}
-        if with_rle:
-            rle, area = _encode_in_box(masks[:, :, i], x1, x2, mask_utils)
-            det["area"] = float(area)
-            det["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-        found.append(det)
-    return found
+    rle = None
+    if with_mask and "masks" in pred and len(keep):
+        def rle(i, x1, x2):
+            return _encode_in_box(masks[:, :, i], x1, x2, mask_utils)
+    return _records(boxes, scores, labels, rle)
+
+
+def _span(a, b, size):
+    """The pixel columns (or rows) [start, stop) of a box edge a..b, with a pixel of margin, inside the image."""
+    return max(0, math.floor(a) - 1), min(size, math.ceil(b) + 1)
+
+
+def mask_crops(masks, keep, boxes, height, width):
+    """The kept masks as [(bool crop, x0, y0)], each crop holding every pixel of its mask: the mask's box with a
+    pixel of margin (a Mask R-CNN mask lies in its box), or the whole mask when it has pixels outside.
+
+    What crosses to a post-processing worker: the boxes' pixels (a few KB per object), not an (H, W) array per
+    detection (100 masks of a 1333x800 image are 107 MB). Cut where the masks are, with one transfer to the
+    host for all crops and one for the mask sizes that prove a crop whole.
+    """
+
+    if not len(keep):
+        return []
+    spans = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        (left, right), (top, bottom) = _span(x1, x2, width), _span(y1, y2, height)
+        spans.append((left, top, max(left, right), max(top, bottom)))
+    if masks.device.type == "cpu":
+        return _host_crops(masks.numpy(), keep, spans)
+    return _device_crops(masks, keep, spans)
+
+
+def _host_crops(whole, keep, spans):
+    """Views of the model's array (torch's reductions over bool on the CPU were 20x slower than numpy's)."""
+    crops = []
+    for k, (left, top, right, bottom) in zip(np.asarray(keep).tolist(), spans, strict=True):
+        crop = whole[k, top:bottom, left:right]
+        inside = np.count_nonzero(crop) == np.count_nonzero(whole[k])
+        crops.append((crop, left, top) if inside else (whole[k], 0, 0))
+    return crops
+
+
+def _device_crops(masks, keep, spans):
+    """Cut on the GPU: one transfer to the host for every crop, one for the mask sizes that prove them whole."""
+    import torch
+
+    selected = masks[torch.as_tensor(keep, device=masks.device, dtype=torch.long)]
+    totals = torch.count_nonzero(selected.flatten(1), dim=1).cpu().numpy()
+    pieces = [selected[i, top:bottom, left:right].reshape(-1) for i, (left, top, right, bottom) in enumerate(spans)]
+    flat = torch.cat(pieces).cpu().numpy().astype(bool, copy=False)
+    crops, start = [], 0
+    for i, (left, top, right, bottom) in enumerate(spans):
+        size = (bottom - top) * (right - left)
+        crop = flat[start:start + size].reshape(bottom - top, right - left)
+        start += size
+        if np.count_nonzero(crop) != totals[i]:
+            crops.append((selected[i].cpu().numpy().astype(bool, copy=False), 0, 0))
+        else:
+            crops.append((crop, left, top))
+    return crops
+
+
+def crop_detections(boxes, scores, labels, crops, height, width):
+    """What `detections` gives, from the boxes and the `mask_crops` of the kept detections (None: boxes only):
+    the same records, byte for byte, where the masks are no longer at hand."""
+    from pycocotools import mask as mask_utils
+
+    if crops is None or not len(scores):
+        return _records(boxes, scores, labels)
+
+    def rle(i, x1, x2):
+        crop, x0, y0 = crops[i]
+        left, right = _span(x1, x2, width)
+        if right <= left or (crop.shape == (height, width) and (x0, y0) == (0, 0)):
+            # a whole mask, or an empty one in a box of no width: encoded whole, as `detections` does
+            whole = np.zeros((height, width), np.uint8, order="F")
+            whole[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+            return _encode_in_box(whole, x1, x2, mask_utils)
+        # The crop spans exactly the columns `_encode_in_box` reads; rows outside it are zeros.
+        band = np.zeros((height, right - left), np.uint8, order="F")
+        band[y0:y0 + crop.shape[0]] = crop
+        flat = band.ravel(order="F")
+        return _band_rle(flat, left, right, height, width, mask_utils), int(np.count_nonzero(flat))
+    return _records(boxes, scores, labels, rle)
 
 
 def coco_results(gt, results):
@@ -90,12 +183,17 @@ def _encode_in_box(mask, x1, x2, mask_utils):
     post-processing an image). A mask with pixels outside its columns is encoded whole.
     """
     height, width = mask.shape
-    left, right = max(0, math.floor(x1) - 1), min(width, math.ceil(x2) + 1)
+    left, right = _span(x1, x2, width)
     flat = mask[:, left:right].ravel(order="F")
     area = int(np.count_nonzero(flat))
     if right <= left or area != np.count_nonzero(mask):
         rle = mask_utils.encode(np.asfortranarray(mask[:, :, None]))[0]
         return rle, int(mask_utils.area(rle))
+    return _band_rle(flat, left, right, height, width, mask_utils), area
+
+
+def _band_rle(flat, left, right, height, width, mask_utils):
+    """COCO RLE of a mask whose pixels all lie in columns [left, right); `flat`: those columns, column-major."""
     changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     counts = np.diff(np.concatenate(([0], changes, [flat.size]))).tolist()
     if flat[0]:
@@ -106,7 +204,7 @@ def _encode_in_box(mask, x1, x2, mask_utils):
         counts[-1] += after
     elif after:
         counts.append(after)
-    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width), area
+    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
 
 
 class InstancesWriter:

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .. import artifacts, coco, images, launch, names, predictions, signals, storage
+from .. import artifacts, coco, images, launch, names, postprocess, predictions, signals, storage
 from ..errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,9 @@ def run(opts):
 
     threshold = d.threshold
     floor = min(threshold) if isinstance(threshold, list) else threshold  # the model drops what is below all
+    # Started before the model is loaded: the workers are forked from a process that does not hold it yet.
+    post = postprocess.Inline(labels) if d.tiling or not opts.num_workers else \
+        postprocess.Workers(opts.num_workers, labels)
     model = predictor.load_model(cfg, weights, device, floor, where=opts.model_weights)
     with_mask = d.task == "segm"
     tiled = d.tiling
@@ -223,9 +226,10 @@ def run(opts):
     # Several processes (torchrun, srun): each takes every world_size-th image and writes its own part.
     shard = list(range(where.rank, len(found.images), where.world_size))
     part = os.path.join(output, f".{INSTANCES}.part{where.rank}") if where.distributed else None
-    # Tiled: tiles are cut and transformed batch by batch in this process.
+    # Tiled: tiles are cut and transformed batch by batch in this process. Whole images are drawn by the
+    # post-processing workers, which read them again: no copy of each image travels through this process.
     dataset = predictor.ImageDataset([found.images[i] for i in shard], None if tiled else transform,
-                                     keep_original=tiled is not None or not opts.no_draw)
+                                     keep_original=tiled is not None)
     os.makedirs(output, exist_ok=True)
     previous = _open_rerun(opts.output, output) if where.is_main else set()
     skipped, done, drawn = [], 0, []  # drawn: this run's images (a rerun's outputs are exactly its own)
@@ -246,7 +250,7 @@ def run(opts):
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers,
                                              shuffle=False, worker_init_fn=signals.detach_loader_worker)
         batches = predictor.same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size)
-    with writer, torch.no_grad():
+    with writer, post, torch.no_grad():
         for batch in batches:
             if signals.requested():
                 stopped = True
@@ -278,7 +282,7 @@ def run(opts):
                     if factor < 1:
                         log.info("inference: %s drawn at %dx%d (%.3g of %dx%d; instances.json is full size)",
                                  ref.name, image.shape[1], image.shape[0], factor, width, height)
-                    _write_image(drawn[-1], drawing.draw(image, shown, labels, crops=crops))
+                    drawing.write_image(drawn[-1], drawing.draw(image, shown, labels, crops=crops))
                     del image
                 item.original.close()
                 done += 1
@@ -289,19 +293,19 @@ def run(opts):
             for item, result in zip(good, results, strict=True):
                 ref = found.images[item.index]
                 height, width = result.ori_shape[:2]
-                pred = result.pred_instances
-                masks = None
-                if with_mask and "masks" in pred:  # moved to the host once, for the RLEs and the drawing
-                    keep = predictions.passing(pred, threshold)
-                    masks = predictions.kept_masks(pred, keep)
-                dets = predictions.detections(pred, height, width, with_mask, threshold, masks)
-                in_order.add(item.index, item.index + 1, ref.name, int(width), int(height), dets)
                 if not opts.no_draw:
                     drawn.append(os.path.join(output, ref.name))
-                    _write_image(drawn[-1], drawing.draw(item.original, dets, labels, masks))
+                job = postprocess.make_job(item.index, ref.name, result.pred_instances, height, width, with_mask,
+                                           threshold, ref.path, None if opts.no_draw else drawn[-1])
+                for index, *record in post.submit(job):
+                    in_order.add(index, index + 1, *record)
             done += len(good)
             if done % max(50, opts.batch_size) < len(good):
                 log.info("inference: %d/%d images", done, len(found.images))
+        if not stopped:
+            for index, *record in post.drain():
+                in_order.add(index, index + 1, *record)
+        post.close()
         if where.distributed:
             stopped = _any_rank(stopped)
         if stopped:  # inside the `with`: the writer discards its part, nothing final is written
@@ -450,10 +454,3 @@ def _finish(local, target, written, previous):
     _close_rerun(target, local)
     print(storage.join(target, INSTANCES) if storage.is_s3(target) else os.path.join(target, INSTANCES))
 
-
-def _write_image(path, image):
-    import cv2
-
-    with artifacts.atomic_path(path) as tmp:
-        if not cv2.imwrite(tmp, image):
-            raise UserError(f"{path}: cannot write the drawn image (unsupported extension?)")

@@ -208,7 +208,8 @@ def config(opts, p, where, device):
         output_prefix=os.path.abspath(p.outputs.prefix), num_train_images=p.num_train_images,
         device=device, load_from=p.resume_from, resume=p.resume, pretrained=p.pretrained,
         world_size=where.world_size, launcher="pytorch" if where.distributed else "none",
-        remote_prefix=p.remote.prefix if p.remote else None, max_detections=p.max_detections)
+        remote_prefix=p.remote.prefix if p.remote else None, max_detections=p.max_detections,
+        precision=mmconfig.precision(opts, device)[0])
     return mmconfig.build_config(opts, p.base_cfg, ctx)
 
 
@@ -291,8 +292,11 @@ def _record_failure(p, err):
 def _train(opts, p, where, device, cfg, started):
     if p.resume:
         log.info("resuming from %s", p.resume_from or f"the latest checkpoint in {p.outputs.workspace}")
-    if opts.amp and device != "cuda":
-        log.warning("--amp needs CUDA; training in full precision on CPU")
+    chosen, why = mmconfig.precision(opts, device)
+    if why:
+        log.warning("%s", why)
+    log.info("precision: %s%s", chosen, " (mixed, dynamic loss scaling)" if chosen == "fp16" else
+             " (mixed, no loss scaling)" if chosen == "bf16" else "")
 
     from .. import mmhooks  # registers our hooks and metric
 
@@ -319,6 +323,14 @@ def _train(opts, p, where, device, cfg, started):
     meta = {"classes": list(p.labels), "dataset_meta": {"classes": list(p.labels)}, "categories": p.categories,
             "task": opts.task, "epoch": runner.epoch, "config": cfg.pretty_text,
             "cvtk_job": {"model": os.path.basename(p.base_config)}}
+    meta["precision"] = {"precision": chosen}
+    scaler = getattr(runner.optim_wrapper, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "get_scale"):
+        meta["precision"]["loss_scale"] = float(scaler.get_scale())  # where dynamic scaling ended
+        log.info("final loss scale: %g", meta["precision"]["loss_scale"])
+    backoffs = getattr(runner.train_loop, "backoffs", [])
+    if backoffs:  # out of GPU memory: the steps ran in parts (mmhooks.CvtkTrainLoop)
+        meta["oom_backoff"] = backoffs
     if p.tiles:  # inference tiles the same way by default
         meta["tile"] = {"width": p.tiles.width, "height": p.tiles.height, "overlap": p.tiles.overlap}
         if p.auto_tile:
@@ -385,8 +397,8 @@ def _dry_run(opts, p, where, device, cfg):
              "resume": p.resume, "resume_from": p.resume_from,
              "pretrained": pretrained.shown(p.decision.pretrained.url or p.decision.pretrained.uri or p.pretrained)
              if p.decision.pretrained else None,
-             "device": device, "outputs": {"weights": (p.remote or p.outputs).weights,
-                                          "workspace": (p.remote or p.outputs).workspace}}
+             "device": device, "precision": mmconfig.precision(opts, device)[0],
+             "outputs": {"weights": (p.remote or p.outputs).weights, "workspace": (p.remote or p.outputs).workspace}}
     print(json.dumps({"command": "train", "options": dataclasses.asdict(opts), "launch": dataclasses.asdict(where),
                       "plan": plan_, "config": cfg.to_dict()}, indent=2, default=str))
 

@@ -271,3 +271,32 @@ def test_score_threshold_auto_needs_weights_trained_with_a_test_set(small_data, 
         "holds no per-class thresholds (they are found by train's test step: train with --test); give a number, "
         "e.g. 0.5")
     assert not (tmp_path / "out").exists()
+
+
+def test_post_processing_in_workers_is_byte_identical_to_the_main_process_and_in_input_order(shapes_model, tmp_path):
+    """--num_workers 0 (post-processing in the main process) and 4 (masks to RLE, drawing and PNG encoding in
+    worker processes): the same instances.json and drawn images, byte for byte, and the images in input order
+    although a list alternating two image sizes is batched by size (and so reordered)."""
+    from tests import synthetic
+
+    label, weights = shapes_model
+    synthetic.write(tmp_path / "a", 5, (256, 256), 8, (8, 14), seed=11)
+    synthetic.write(tmp_path / "b", 5, (320, 256), 8, (8, 14), seed=12)
+    listed = [f"{folder}/images/{seed}_{i:04d}.png" for i in range(5) for folder, seed in (("a", 11), ("b", 12))]
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    outputs = {}
+    for workers in ("0", "4"):
+        out = tmp_path / f"out{workers}"
+        result = run_cli("inference", "--label", label, "--data", tmp_path / "list.txt", "--model_weights", weights,
+                         "--output", out, "--score_threshold", "0.3", "--device", "cpu", "--batch_size", "3",
+                         "--num_workers", workers)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[workers] = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
+                            if p.is_file() and p.name != "done.json"}
+    assert outputs["0"].keys() == outputs["4"].keys()
+    assert len([n for n in outputs["0"] if n.endswith(".png")]) == 10
+    for name in outputs["0"]:
+        assert outputs["0"][name] == outputs["4"][name], name
+    instances = json.loads(outputs["4"]["instances.json"])
+    assert [image["file_name"] for image in instances["images"]] == listed
+    assert len(instances["annotations"]) >= 40 and all("counts" in a["segmentation"] for a in instances["annotations"])

@@ -232,3 +232,24 @@ def test_dense_images_raise_the_models_detection_cap_to_the_most_objects_in_one_
     assert f"max detections per image: {densest}" in result.stderr
     result = run_cli(*common, "--max_detections", "500", env={"CVTK_JOB_CACHE": str(tmp_path / "cache")})
     assert json.loads(result.stdout)["config"]["model"]["test_cfg"]["rcnn"]["max_per_img"] == 500
+
+
+def test_out_of_memory_in_a_step_halves_the_pass_and_the_run_keeps_its_batch_and_epochs(small_data, tmp_path):
+    """The documented test hook raises a real torch.OutOfMemoryError in the step of iteration 5 (epoch 2 of 2;
+    16 images in batches of 4): the run finishes both epochs, the step and every later one run in 2 parts of 2
+    images, and the back-off is in the log and in the weights' metadata; the batch in the written config is 4."""
+    import torch
+    from mmengine.config import Config
+
+    env = {**os.environ, "CVTK_JOB_TEST_OOM_AT_ITER": "5"}
+    result = run_cli(*train_args(small_data, tmp_path, "det", "--epoch", "2", splits=()), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("out of GPU memory at iteration 5 (epoch 2): the batch of 4 images now runs in 2 parts of at most 2"
+            in result.stderr)
+    meta = torch.load(tmp_path / "strawberry.pth", map_location="cpu", weights_only=True)["meta"]
+    assert meta["oom_backoff"] == [{"iteration": 5, "epoch": 1, "parts": 2, "images_per_pass": 2, "batch": 4}]
+    assert meta["epoch"] == 2
+    _, rows = read_tsv(tmp_path / "strawberry.train_stats.train.txt")
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
+    cfg = Config.fromfile(tmp_path / "strawberry.py")
+    assert cfg.train_dataloader.batch_size == 4 and cfg.train_cfg.type == "EpochBasedTrainLoop"

@@ -134,3 +134,30 @@ def test_the_models_detection_cap_follows_the_data(tmp_path, task):
     assert (cfg.model.test_cfg.rcnn.max_per_img, cfg.model.test_cfg.rpn.max_per_img) == (1500, 1500)
     cfg = build(tmp_path, task)
     assert (cfg.model.test_cfg.rcnn.max_per_img, cfg.model.test_cfg.rpn.max_per_img) == (100, 1000)
+
+
+@pytest.mark.parametrize(("flags", "device", "chosen", "warned"), [
+    ({}, "cuda", "fp16", False),  # the default on a GPU: mixed precision
+    ({}, "cpu", "fp32", False),
+    ({"precision": "bf16"}, "cuda", "bf16", False),
+    ({"precision": "fp32"}, "cuda", "fp32", False),
+    ({"amp": True}, "cuda", "fp16", False),  # the old flag
+    ({"precision": "fp16"}, "cpu", "fp32", True),
+    ({"amp": True}, "cpu", "fp32", True),
+])
+def test_precision_defaults_to_fp16_on_cuda_and_says_when_it_cannot_be_had(tmp_path, flags, device, chosen, warned):
+    fields = dict(label="l.txt", train="t.json", output_weights="x.pth", **flags)
+    got, why = mmconfig.precision(TrainOptions(**fields), device)
+    assert got == chosen and bool(why) == warned
+    if warned:
+        assert why == f"--precision {flags.get('precision', 'fp16')} needs a CUDA GPU; training in fp32 on {device}"
+
+
+@pytest.mark.parametrize(("precision", "wrapper"), [
+    ("fp32", {"type": "OptimWrapper"}),
+    ("fp16", {"type": "AmpOptimWrapper", "loss_scale": "dynamic", "dtype": "float16"}),
+    ("bf16", {"type": "AmpOptimWrapper", "loss_scale": 1.0, "dtype": "bfloat16"}),
+])
+def test_the_precision_sets_the_optimizer_wrapper(tmp_path, precision, wrapper):
+    cfg = build(tmp_path, context={"precision": precision, "device": "cuda"})
+    assert {k: cfg.optim_wrapper.get(k) for k in wrapper} == wrapper

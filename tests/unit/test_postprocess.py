@@ -1,0 +1,141 @@
+"""Post-processing from mask crops (what crosses to a worker) against the full-mask path it replaces:
+`predictions.detections` + `drawing.draw(masks=…)` on whole (H, W) masks. Same records, byte for byte, and the
+same drawn pixels, on masks made to hit every branch (inside the box, leaking out of it, empty, at the image
+edge, boxes on whole pixels, a box of zero width)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cvtk_job import drawing, postprocess, predictions
+
+H, W = 90, 130
+NAMES = ["square", "disk", "leaf"]
+
+
+def fake_pred(seed, n=40):
+    rng = np.random.default_rng(seed)
+    boxes, masks = [], np.zeros((n, H, W), bool)
+    for i in range(n):
+        x1, y1 = rng.uniform(-10, W - 5), rng.uniform(-10, H - 5)
+        x2, y2 = x1 + rng.uniform(0, 50), y1 + rng.uniform(0, 40)
+        if i % 7 == 0:
+            x1, y1, x2, y2 = float(int(x1)), float(int(y1)), float(int(x2)), float(int(y2))  # whole pixels
+        if i == 5:
+            x2 = x1  # zero width
+        boxes.append([x1, y1, x2, y2])
+        c1, r1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
+        c2, r2 = min(W, int(np.ceil(x2))), min(H, int(np.ceil(y2)))
+        if c2 > c1 and r2 > r1 and i % 9 != 1:  # i % 9 == 1: an empty mask
+            masks[i, r1:r2, c1:c2] = rng.random((r2 - r1, c2 - c1)) < 0.6
+        if i % 5 == 3:  # a pixel far outside the box: not a Mask R-CNN mask
+            masks[i, (r1 + 45) % H, (c1 + 70) % W] = True
+    return {"bboxes": torch.tensor(boxes, dtype=torch.float32),
+            "scores": torch.tensor(rng.random(n), dtype=torch.float32),
+            "labels": torch.tensor(rng.integers(0, len(NAMES), n)), "masks": torch.from_numpy(masks)}
+
+
+def reference(pred, threshold, image):
+    """The path before workers: whole masks on the host, encoded and drawn from there."""
+    keep = predictions.passing(pred, threshold)
+    masks = predictions.kept_masks(pred, keep)
+    dets = predictions.detections(pred, H, W, True, threshold, masks)
+    return dets, drawing.draw(image, dets, NAMES, masks)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, [0.2, 0.5, 0.9]])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_crops_give_the_same_records_and_pixels_as_whole_masks(tmp_path, seed, threshold):
+    import cv2
+
+    pred = fake_pred(seed)
+    image = np.random.default_rng(seed + 10).integers(0, 255, (H, W, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "in.png"), image)
+    want_dets, want_image = reference(pred, threshold, image)
+    job = postprocess.make_job(3, "in.png", pred, H, W, True, threshold, str(tmp_path / "in.png"),
+                               str(tmp_path / "out.png"))
+    kinds = {"box" if (x0, y0) != (0, 0) or crop.shape != (H, W) else "whole" for crop, x0, y0 in job.crops}
+    if threshold == 0.0:
+        assert kinds == {"box", "whole"}  # both kinds of crop were exercised
+    index, name, width, height, dets = postprocess.finish(job, NAMES)
+    assert (index, name, width, height) == (3, "in.png", W, H)
+    assert json.dumps(dets) == json.dumps(want_dets)
+    assert np.array_equal(cv2.imread(str(tmp_path / "out.png")), want_image)
+
+
+def test_crops_are_small_for_mask_rcnn_masks():
+    """What crosses to a worker: the boxes' pixels, not an (H, W) array per detection."""
+    pred = fake_pred(4)
+    pred["masks"][:, :, :] = False  # masks inside their boxes only
+    for i, (x1, y1, x2, y2) in enumerate(pred["bboxes"].tolist()):
+        pred["masks"][i, max(0, int(y1) + 1):max(0, int(y2)), max(0, int(x1) + 1):max(0, int(x2))] = True
+    keep, boxes, _, _ = predictions.kept(pred, H, W, 0.0)
+    crops = predictions.mask_crops(pred["masks"], keep, boxes, H, W)
+    sent = sum(crop.size for crop, _, _ in crops)
+    box_pixels = sum(max(0, min(W, np.ceil(x2) + 1) - max(0, np.floor(x1) - 1))
+                     * max(0, min(H, np.ceil(y2) + 1) - max(0, np.floor(y1) - 1)) for x1, y1, x2, y2 in boxes)
+    assert sent <= box_pixels < len(keep) * H * W / 4
+
+
+def test_the_gpu_way_of_cutting_crops_gives_the_same_crops():
+    """`_device_crops` (masks on a GPU) run here on CPU tensors: the crops equal the host way's."""
+    pred = fake_pred(6)
+    keep, boxes, _, _ = predictions.kept(pred, H, W, 0.0)
+    host = predictions.mask_crops(pred["masks"], keep, boxes, H, W)
+    spans = [(x0, y0, x0 + c.shape[1], y0 + c.shape[0]) for c, x0, y0 in host if (x0, y0) != (0, 0)]
+    assert len(spans) > 20
+    device = predictions._device_crops(pred["masks"], keep, [
+        (max(0, int(np.floor(x1)) - 1), max(0, int(np.floor(y1)) - 1),
+         max(max(0, int(np.floor(x1)) - 1), min(W, int(np.ceil(x2)) + 1)),
+         max(max(0, int(np.floor(y1)) - 1), min(H, int(np.ceil(y2)) + 1))) for x1, y1, x2, y2 in boxes.tolist()])
+    assert len(device) == len(host)
+    for (a, ax, ay), (b, bx, by) in zip(host, device, strict=True):
+        assert (ax, ay) == (bx, by) and a.dtype == b.dtype == bool and np.array_equal(a, b)
+
+
+def test_box_only_models_need_no_crops(tmp_path):
+    pred = fake_pred(5)
+    del pred["masks"]
+    job = postprocess.make_job(0, "x.png", pred, H, W, False, 0.3)
+    assert job.crops is None
+    assert json.dumps(postprocess.finish(job, NAMES)[4]) == json.dumps(predictions.detections(pred, H, W, False, 0.3))
+
+
+def test_workers_return_what_inline_does_in_submission_order(tmp_path):
+    import cv2
+
+    jobs = []
+    for i in range(9):
+        pred = fake_pred(20 + i, n=15)
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((H, W, 3), 20 * i, np.uint8))
+        jobs.append((i, pred))
+
+    def run(post, folder):
+        folder.mkdir()
+        out = []
+        with post:
+            for i, pred in jobs:
+                job = postprocess.make_job(i, f"{i}.png", pred, H, W, True, 0.1, str(tmp_path / f"{i}.png"),
+                                           str(folder / f"{i}.png"))
+                out += list(post.submit(job))
+            out += list(post.drain())
+        return out, {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    inline = run(postprocess.Inline(NAMES), tmp_path / "inline")
+    workers = run(postprocess.Workers(3, NAMES, ahead=2), tmp_path / "workers")
+    assert [r[0] for r in workers[0]] == list(range(9))
+    assert json.dumps(workers[0]) == json.dumps(inline[0])
+    assert workers[1] == inline[1] and len(inline[1]) == 9
+
+
+def test_a_worker_error_reaches_the_main_process_as_itself(tmp_path):
+    from cvtk_job.errors import UserError
+
+    pred = fake_pred(7, n=5)
+    job = postprocess.make_job(0, "gone.png", pred, H, W, True, 0.0, str(tmp_path / "gone.png"),
+                               str(tmp_path / "out.png"))
+    with postprocess.Workers(1, NAMES) as post, pytest.raises(UserError, match="gone.png: could not be read again"):
+        list(post.submit(job))
+        list(post.drain())
