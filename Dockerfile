@@ -80,7 +80,12 @@ COPY --from=pretrained /opt/cvtk-job/checkpoints /opt/cvtk-job/checkpoints
 COPY entrypoint.py /app/entrypoint.py
 # Any UID (OpenShift, Apptainer, --user) and a read-only root filesystem: everything written goes
 # under /tmp (mount a tmpfs or emptyDir there) or the output mounts.
+# expandable_segments: batches of varying image sizes and instance counts (Mask R-CNN's targets grow with
+# the objects in an image) fragment PyTorch's fixed-size CUDA blocks, and a run dies of OOM with memory
+# free in pieces; growable segments avoid that (PyTorch's CUDA semantics notes). Not yet measured here
+# against the default (no GPU lent): bench/run.py --gpu reports peak memory to compare.
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \

@@ -119,6 +119,7 @@ class RunContext:
     remote_prefix: Optional[str] = None  # s3:// prefix the outputs are synced to after every epoch
     max_detections: Optional[int] = None  # detections per image the model outputs (None: the config's)
     precision: str = "fp32"  # fp32, fp16 or bf16 (decided by `precision()`)
+    densest_train: int = 0  # the most objects in one training image: above assign_threshold, RPN assigns on CPU
 
 
 def _walk(node, visit):
@@ -285,6 +286,9 @@ def build_config(opts, base_config, ctx: RunContext):
     _drop_pretrained_init(cfg.model)
     if ctx.max_detections:
         set_max_detections(cfg.model, ctx.max_detections)
+    limit = assign_threshold(*(opts.image_size or DEFAULT_INPUT))
+    if ctx.densest_train > limit:
+        set_gpu_assign_threshold(cfg.model, limit)
 
     base_train = cfg.train_dataloader
     base_train_dataset = _innermost_dataset(base_train.dataset)
@@ -382,6 +386,29 @@ def set_max_detections(model_cfg, count):
                 part["max_per_img"] = count
         else:
             _walk(part, visit)
+
+
+DEFAULT_INPUT = (1333, 800)  # mmdet's Mask/Faster R-CNN training scale
+# GPU memory the RPN's anchor-to-object assignment of one image may take. MaxIoUAssigner builds IoU tensors of
+# anchors x objects: ~36 bytes per pair at its peak (float32 corners, widths and IoUs); FPN's 3 anchors per
+# location at strides 4-64 are ~0.25 anchors per input pixel. At 1333x800 that is 9.6 MB per object: 500 fruits
+# in one image ask for 4.8 GB at once, on top of the model's activations.
+ASSIGN_BUDGET_BYTES = 2 * 2**30
+
+
+def assign_threshold(width, height):
+    """The most objects whose assignment fits ASSIGN_BUDGET_BYTES at this input size (223 at 1333x800)."""
+    return max(1, int(ASSIGN_BUDGET_BYTES // (36 * 0.25 * width * height)))
+
+
+def set_gpu_assign_threshold(model_cfg, limit):
+    """Images with more than `limit` objects have their anchors assigned on the CPU (mmdet's gpu_assign_thr):
+    slower for those images, but a dense image no longer runs the GPU out of memory. Only the RPN's assigner:
+    the second stage assigns ~1000 proposals, not hundreds of thousands of anchors."""
+    rpn = (model_cfg.get("train_cfg") or {}).get("rpn") or {}
+    assigner = rpn.get("assigner")
+    if isinstance(assigner, dict) and assigner.get("type") == "MaxIoUAssigner":
+        assigner["gpu_assign_thr"] = limit
 
 
 def raise_score_threshold(model_cfg, threshold):

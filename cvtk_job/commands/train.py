@@ -50,6 +50,7 @@ class Plan:
     tiles: Any = None  # predictor.Tiling, decided (`--tile auto` from the staged training set), or None
     auto_tile: Any = None  # tiling.AutoTile: what `--tile auto` chose and from what
     max_detections: int = 100  # detections per image the model outputs (--max_detections, else from the data)
+    densest_train: int = 0  # the most objects in one training image (or tile): where anchor assignment may OOM
 
     def __getattr__(self, name):  # the decision's fields read as the plan's
         if name == "decision":
@@ -185,16 +186,20 @@ def stage(d, task, fetch_pretrained=True):
     categories = [{"id": c["id"], "name": c["name"]} for c in sorted(train["categories"], key=lambda c: c["id"])]
     files = {role: os.path.abspath(local[role]) for role, _ in d.splits}
     tiles, auto = d.tiles, None
+    from ..metrics import densest
+
+    densest_train = densest(train["annotations"])
     if tiles == "auto":
         tiles, auto = _auto_tiles(train, d.tile_overlap)
     if tiles:  # train and validate on tiles; the test step predicts on the whole images, tile by tile
         for (role, _), report in zip(d.splits, reports, strict=True):
             if role != "test":
                 files[role] = _tiled(tiles, role, files[role], report.data, task)
-        num_train = _annotated_images(coco.read_json(files["train"]))
+        tiled_train = coco.read_json(files["train"])
+        num_train, densest_train = _annotated_images(tiled_train), densest(tiled_train["annotations"])
     data = mmconfig.DataFiles(*(files.get(r) for r in ("train", "valid", "test")))
     start = pretrained.fetch(d.pretrained) if fetch_pretrained else (d.pretrained.path if d.pretrained else None)
-    return Plan(d, data, num_train, categories, start, tiles, auto, _max_detections(d, reports))
+    return Plan(d, data, num_train, categories, start, tiles, auto, _max_detections(d, reports), densest_train)
 
 
 def plan(opts):
@@ -209,7 +214,7 @@ def config(opts, p, where, device):
         device=device, load_from=p.resume_from, resume=p.resume, pretrained=p.pretrained,
         world_size=where.world_size, launcher="pytorch" if where.distributed else "none",
         remote_prefix=p.remote.prefix if p.remote else None, max_detections=p.max_detections,
-        precision=mmconfig.precision(opts, device)[0])
+        precision=mmconfig.precision(opts, device)[0], densest_train=p.densest_train)
     return mmconfig.build_config(opts, p.base_cfg, ctx)
 
 

@@ -69,6 +69,7 @@ def test_image_metadata_and_doctor(engine, image, tmp_path):
     assert inspect["Entrypoint"] == ["/opt/venv/bin/python", "/app/entrypoint.py"]
     assert inspect["Labels"]["org.opencontainers.image.version"] == "0.1.0"
     assert "PYTHONUNBUFFERED=1" in inspect["Env"]
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in inspect["Env"]
     result = run(engine, tmp_path, "doctor")
     assert result.returncode == 0, result.stderr
     assert "nms, RoIAlign ok" in result.stdout

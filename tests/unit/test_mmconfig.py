@@ -161,3 +161,16 @@ def test_precision_defaults_to_fp16_on_cuda_and_says_when_it_cannot_be_had(tmp_p
 def test_the_precision_sets_the_optimizer_wrapper(tmp_path, precision, wrapper):
     cfg = build(tmp_path, context={"precision": precision, "device": "cuda"})
     assert {k: cfg.optim_wrapper.get(k) for k in wrapper} == wrapper
+
+
+def test_dense_training_images_move_the_rpn_assignment_to_the_cpu_above_what_fits(tmp_path):
+    # 2 GiB / (36 bytes x 0.25 anchors per pixel x 1333 x 800 pixels) = 223.7 objects
+    assert mmconfig.assign_threshold(1333, 800) == 223
+    assert mmconfig.assign_threshold(256, 192) == 2 * 2**30 // (36 * 0.25 * 256 * 192)
+    dense = build(tmp_path, context={"densest_train": 224})
+    assert dense.model.train_cfg.rpn.assigner.gpu_assign_thr == 223
+    assert "gpu_assign_thr" not in dense.model.train_cfg.rcnn.assigner
+    sparse = build(tmp_path, context={"densest_train": 223})
+    assert "gpu_assign_thr" not in sparse.model.train_cfg.rpn.assigner
+    small = build(tmp_path, context={"densest_train": 224}, image_size=[256, 192])
+    assert "gpu_assign_thr" not in small.model.train_cfg.rpn.assigner  # 4,854 fit at 256x192
