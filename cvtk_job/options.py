@@ -48,7 +48,8 @@ class TrainOptions:
                               "outputs are written beside it, checkpoints into outputs/strawberry/")
     valid: Optional[str] = opt("COCO JSON of the validation images, evaluated after every epoch", None)
     test: Optional[str] = opt("COCO JSON of the test images, evaluated once after training", None)
-    batch_size: int = opt("images per batch and process", 4)
+    batch_size: str = opt("images per batch and process, or auto: the largest batch that fits the GPU, measured "
+                          "at the start on the densest training image (a resumed run keeps its batch)", "4")
     num_workers: Optional[int] = opt("data-loading worker processes (default: the CPUs available to each "
                                      "process, less one, at most 8)", None)
     epoch: int = opt("number of training epochs", 10)

@@ -230,8 +230,22 @@ def _test_stats(p, task):
     return stats
 
 
+def _batch_size(value):
+    """--batch_size as a number; None for auto."""
+    if str(value) == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--batch_size {value}: give a number of images per process, or auto") from None
+
+
 def run(opts):
     started = time.time()
+    batch = _batch_size(opts.batch_size)
+    auto_batch = batch is None
+    # auto: 1 image per process until measured (_auto_batch, when training starts); the dry run says so.
+    opts = dataclasses.replace(opts, batch_size=batch or 1)
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=launch.default_workers())
     gc.disable()  # until the first iteration (mmhooks.StartupGC): start-up builds large acyclic data
@@ -247,10 +261,10 @@ def run(opts):
     if p.pretrained and os.path.isfile(p.pretrained):  # (a dry run may not have fetched it)
         pretrained.check_fits(shapes, p.pretrained)
     if opts.dry_run:
-        return _dry_run(opts, p, where, device, cfg)
+        return _dry_run(opts, p, where, device, cfg, auto_batch)
     # From here on the run has started: a failure leaves a record. Before, nothing was written at all.
     try:
-        _train(opts, p, where, device, cfg, started)
+        _train(opts, p, where, device, cfg, started, auto_batch)
     except BaseException as err:
         if where.is_main:
             _record_failure(p, err)
@@ -294,7 +308,30 @@ def _record_failure(p, err):
         log.warning("could not write the failure record: %s", write_err)
 
 
-def _train(opts, p, where, device, cfg, started):
+def _auto_batch(opts, p, cfg, where, device):
+    """--batch_size auto → (batch, details): the resumed checkpoint's batch, else measured (autobatch)."""
+    from .. import autobatch
+
+    if p.resume:
+        pointer = os.path.join(p.outputs.workspace, "last_checkpoint")
+        checkpoint = p.resume_from or (open(pointer, encoding="utf-8").read().strip()
+                                       if os.path.isfile(pointer) else None)
+        batch = autobatch.resumed_batch(checkpoint) if checkpoint else None
+        if batch:
+            log.info("--batch_size auto: %d per process, the batch of the run being resumed", batch)
+            return batch, {"batch_size": batch, "resumed": True}
+    if not autobatch.probing_possible(device):
+        log.info("--batch_size auto measures GPU memory; on %s: the default, 4 per process", device)
+        return 4, {"batch_size": 4, "measured": False}
+    limit = max(1, -(-p.num_train_images // where.world_size))
+    batch, details = autobatch.decide(cfg, device, where, limit)
+    log.info("--batch_size auto: %d per process (peak memory MiB by batch: %s; %d MiB free, %.0f%% used at most; "
+             "densest training image: %d objects)", batch, details.get("peak_mib"), details.get("free_mib", 0),
+             100 * details.get("share", 0), details.get("densest_image_objects", 0))
+    return batch, details
+
+
+def _train(opts, p, where, device, cfg, started, auto_batch=False):
     if p.resume:
         log.info("resuming from %s", p.resume_from or f"the latest checkpoint in {p.outputs.workspace}")
     chosen, why = mmconfig.precision(opts, device)
@@ -313,6 +350,13 @@ def _train(opts, p, where, device, cfg, started):
         log.info("distributed: rank %d of %d (%s, master %s:%d)", where.rank, where.world_size, where.kind,
                  where.master_addr, where.master_port)
 
+    batch_details = None
+    if auto_batch:  # after joining the process group: rank 0 measures, every rank gets its answer
+        with contextlib.redirect_stdout(sys.stderr):
+            batch, batch_details = _auto_batch(opts, p, cfg, where, device)
+        opts = dataclasses.replace(opts, batch_size=batch)
+        cfg = config(opts, p, where, device)  # the learning rate follows the global batch
+
     # MMEngine logs to stdout; stdout is for results a script parses, so its log goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         runner = mmhooks.CvtkRunner.from_cfg(cfg)
@@ -328,6 +372,8 @@ def _train(opts, p, where, device, cfg, started):
     meta = {"classes": list(p.labels), "dataset_meta": {"classes": list(p.labels)}, "categories": p.categories,
             "task": opts.task, "epoch": runner.epoch, "config": cfg.pretty_text,
             "cvtk_job": {"model": os.path.basename(p.base_config)}}
+    if batch_details:
+        meta["batch_size_auto"] = batch_details
     meta["precision"] = {"precision": chosen}
     scaler = getattr(runner.optim_wrapper, "loss_scaler", None)
     if scaler is not None and hasattr(scaler, "get_scale"):
@@ -390,7 +436,7 @@ def _write_report(p, opts, runner, stats, where, device, started):
                  artifacts.read_tsv(p.outputs.valid_txt), stats, gallery)
 
 
-def _dry_run(opts, p, where, device, cfg):
+def _dry_run(opts, p, where, device, cfg, auto_batch=False):
     """Print the plan and the final MMEngine config as JSON: everything a run with the same arguments would
     use (the data is staged and validated, the config built), without building a model or writing outputs."""
     import json
@@ -403,6 +449,8 @@ def _dry_run(opts, p, where, device, cfg):
              "pretrained": pretrained.shown(p.decision.pretrained.url or p.decision.pretrained.uri or p.pretrained)
              if p.decision.pretrained else None,
              "device": device, "precision": mmconfig.precision(opts, device)[0],
+             "batch_size": "auto: measured when training starts (the config shows 1 per process until then)"
+             if auto_batch else opts.batch_size,
              "outputs": {"weights": (p.remote or p.outputs).weights, "workspace": (p.remote or p.outputs).workspace}}
     print(json.dumps({"command": "train", "options": dataclasses.asdict(opts), "launch": dataclasses.asdict(where),
                       "plan": plan_, "config": cfg.to_dict()}, indent=2, default=str))

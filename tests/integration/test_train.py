@@ -253,3 +253,44 @@ def test_out_of_memory_in_a_step_halves_the_pass_and_the_run_keeps_its_batch_and
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
     cfg = Config.fromfile(tmp_path / "strawberry.py")
     assert cfg.train_dataloader.batch_size == 4 and cfg.train_cfg.type == "EpochBasedTrainLoop"
+
+
+def test_batch_size_auto_measures_real_steps_and_trains_with_the_largest_batch_that_fits(small_data, tmp_path):
+    """The documented memory hook stands in for CUDA's counters (peak = 1000 MiB + 300 MiB per image, 4000 MiB
+    free); the probe's training steps are real. 85% of 4000 MiB holds (3400 - 1000) / 300 = 8 images: the run
+    trains with 8 per process, the learning rate as a run given --batch_size 8 (same lr column, same config),
+    and the weights record the measurement."""
+    import torch
+    from mmengine.config import Config
+
+    env = {**os.environ, "CVTK_JOB_TEST_MEMORY_PROBE": "1000,300,4000"}
+    runs = {}
+    for name, batch in (("auto", "auto"), ("eight", "8")):
+        out = tmp_path / name
+        args = [a if a != "4" else batch for a in train_args(small_data, out, "det", "--epoch", "1", splits=())]
+        result = run_cli(*args, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (result.stderr, read_tsv(out / "strawberry.train_stats.train.txt")[1],
+                      Config.fromfile(out / "strawberry.py"))
+    stderr, rows, cfg = runs["auto"]
+    assert "--batch_size auto: 8 per process" in stderr
+    assert cfg.train_dataloader.batch_size == 8
+    assert [r["lr"] for r in rows] == [r["lr"] for r in runs["eight"][1]]
+    assert cfg.optim_wrapper == runs["eight"][2].optim_wrapper and cfg.auto_scale_lr == runs["eight"][2].auto_scale_lr
+    meta = torch.load(out.parent / "auto" / "strawberry.pth", map_location="cpu", weights_only=True)["meta"]
+    auto = meta["batch_size_auto"]
+    assert auto["batch_size"] == 8 and auto["peak_mib"] == {"1": 1300, "2": 1600, "8": 3400}
+    assert auto["free_mib"] == 4000 and auto["limit"] == 16
+
+
+def test_batch_size_auto_under_torchrun_is_measured_once_and_used_by_every_rank(small_data, tmp_path):
+    """Two processes: rank 0 measures (memory hook: 1000 MiB + 300 per image, 2400 MiB free: 85% holds 3), both
+    ranks log the same batch, and the learning rate follows the global batch of 2 x 3."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = [a if a != "4" else "auto" for a in train_args(small_data, tmp_path, "det", "--epoch", "1", splits=())]
+    result = subprocess.run([torchrun, "--nproc_per_node=2", str(REPO / "entrypoint.py"), *map(str, args)],
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "CVTK_JOB_TEST_MEMORY_PROBE": "1000,300,2400"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("--batch_size auto: 3 per process") == 2  # one line per rank
+    assert "current batch size is 6" in result.stderr
