@@ -8,7 +8,7 @@ types from the fields.
 import dataclasses
 import types
 from dataclasses import MISSING, field
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Union
 
 
 def opt(help, default=MISSING, **metadata):
@@ -36,6 +36,18 @@ def command_options(cls):
     return _with_flags(dataclasses.dataclass(frozen=True)(cls))
 
 
+def _int_or_auto(value):
+    """A number, or the word auto (argparse names the option and the value when it is neither)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"not a number or auto: {value}") from None
+
+
+_int_or_auto.__name__ = "number or auto"  # argparse's message: "invalid number or auto value: 'x'"
+
 Task = Literal["segm", "det"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -48,8 +60,9 @@ class TrainOptions:
                               "outputs are written beside it, checkpoints into outputs/strawberry/")
     valid: Optional[str] = opt("COCO JSON of the validation images, evaluated after every epoch", None)
     test: Optional[str] = opt("COCO JSON of the test images, evaluated once after training", None)
-    batch_size: str = opt("images per batch and process, or auto: the largest batch that fits the GPU, measured "
-                          "at the start on the densest training image (a resumed run keeps its batch)", "4")
+    batch_size: Union[int, str] = opt("images per batch and process, or auto: the largest batch that fits the GPU, "
+                                      "measured at the start on the densest training image (a resumed run keeps "
+                                      "its batch)", 4, type=_int_or_auto, metavar="N|auto")
     num_workers: Optional[int] = opt("data-loading worker processes (default: the CPUs available to each "
                                      "process, less one, at most 8)", None)
     epoch: int = opt("number of training epochs", 10)
@@ -65,7 +78,7 @@ class TrainOptions:
     precision: Optional[Literal["fp32", "fp16", "bf16"]] = opt(
         "arithmetic of training: fp16 (mixed precision with dynamic loss scaling), bf16 (mixed, no loss scaling "
         "needed; Ampere or newer) or fp32 (default: fp16 on CUDA, fp32 on CPU, where mixed precision is not "
-        "available)", None)
+        "available)", None, type=str, choices=["fp32", "fp16", "bf16"])
     amp: bool = opt("the same as --precision fp16 (kept for older command lines)", False)
     image_size: Optional[List[int]] = opt("resize images to fit W H (keeping their aspect ratio)",
                                           None, nargs=2, type=int, metavar=("W", "H"))
