@@ -408,7 +408,8 @@ def _stats_rows(tsv):
 
 
 def bench_gpu():
-    """Training fp32 vs --amp, and inference vs DetInferencer, on the GPU (`bench/run.py --gpu`)."""
+    """Training fp32 vs the default precision (fp16), --batch_size auto, and inference vs DetInferencer and vs the
+    forward pass alone, on the GPU (`bench/run.py --gpu`)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -419,7 +420,7 @@ def bench_gpu():
         return
     out, batch, epochs = WORK / "gpu", 8, int(os.environ.get("BENCH_GPU_EPOCHS", "3"))
     results = {}
-    for name, extra in (("fp32", []), ("amp", ["--amp"])):
+    for name, extra in (("fp32", ["--precision", "fp32"]), ("amp", [])):  # amp: the default (fp16) on CUDA
         shutil.rmtree(out / name, ignore_errors=True)
         # With --test: DetInferencer builds its pipeline from the config's test dataloader.
         measure([*CLI, "train", "--label", SAMPLE / "label.txt", "--train", SAMPLE / "train" / "segm.json",
@@ -431,10 +432,25 @@ def bench_gpu():
         results[name] = (batch / seconds_per_iteration, max((float(r["memory"]) for r in rows if "memory" in r),
                                                              default=float("nan")))
     (fp32, fp32_mem), (amp, amp_mem) = results["fp32"], results["amp"]
+    losses = {name: [float(r["loss"]) for r in _stats_rows(out / name / "x.train_stats.train.txt")]
+              for name in results}
     what = f"Mask R-CNN R101 (random init), 1333x800, batch {batch}, 60 images, epochs 2-{epochs}"
-    report("GPU training images/s, --amp vs fp32", amp, fp32, "img/s", amp / fp32, "(information)", True, what)
-    report("GPU training peak memory, --amp vs fp32", amp_mem, fp32_mem, "MiB", amp_mem / fp32_mem, "(information)",
-           True, "MMEngine's max allocated CUDA memory")
+    curve = "; loss per epoch fp16 " + ", ".join(f"{v:.3f}" for v in losses["amp"]) + " vs fp32 " + \
+        ", ".join(f"{v:.3f}" for v in losses["fp32"])
+    report("GPU training images/s, default precision (fp16) vs fp32", amp, fp32, "img/s", amp / fp32, ">= 1.5",
+           amp / fp32 >= 1.5, what + curve)
+    report("GPU training peak memory, default precision (fp16) vs fp32", amp_mem, fp32_mem, "MiB", amp_mem / fp32_mem,
+           "(information)", True, "MMEngine's max allocated CUDA memory")
+    # --batch_size auto on the GPU: what it picks and what it measured (that batch + 1 must not fit: check the
+    # peaks in the weights' meta.batch_size_auto against the free memory it states).
+    shutil.rmtree(out / "auto", ignore_errors=True)
+    measure([*CLI, "train", "--label", SAMPLE / "label.txt", "--train", SAMPLE / "train" / "segm.json",
+             "--output_weights", out / "auto" / "x.pth", "--pretrained", "none", "--lr", "0.002", "--epoch", 1,
+             "--batch_size", "auto", "--num_workers", 8, "--device", "cuda"])
+    auto = torch.load(out / "auto" / "x.pth", map_location="cpu", weights_only=True)["meta"]["batch_size_auto"]
+    ROWS.append(("GPU --batch_size auto", f"{auto['batch_size']} images", "-", "-", "within one step of the largest",
+                 "(see notes)", json.dumps(auto)))
+    print(f"GPU --batch_size auto: {json.dumps(auto)}", flush=True)
 
     compare_inference(out / "fp32" / "x.pth", int(os.environ.get("BENCH_GPU_IMAGES", "400")), batch, "cuda", 8,
                       prefix="gpu_")

@@ -281,6 +281,14 @@ def test_batch_size_auto_measures_real_steps_and_trains_with_the_largest_batch_t
     auto = meta["batch_size_auto"]
     assert auto["batch_size"] == 8 and auto["peak_mib"] == {"1": 1300, "2": 1600, "8": 3400}
     assert auto["free_mib"] == 4000 and auto["limit"] == 16
+    # Continued to 2 epochs where memory would now hold 3 images: the resumed run keeps the 8 its schedule has.
+    args = [a if a != "4" else "auto" for a in train_args(small_data, tmp_path / "auto", "det", "--epoch", "2",
+                                                          splits=())]
+    result = run_cli(*args, env={**os.environ, "CVTK_JOB_TEST_MEMORY_PROBE": "1000,300,2400"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--batch_size auto: 8 per process, the batch of the run being resumed" in result.stderr
+    assert Config.fromfile(tmp_path / "auto" / "strawberry.py").train_dataloader.batch_size == 8
+    assert [r["epoch"] for r in read_tsv(tmp_path / "auto" / "strawberry.train_stats.train.txt")[1]] == ["1", "2"]
 
 
 def test_batch_size_auto_under_torchrun_is_measured_once_and_used_by_every_rank(small_data, tmp_path):
