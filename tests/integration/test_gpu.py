@@ -101,6 +101,32 @@ def test_amp_trains_with_mixed_precision_and_finite_losses(small_data, tmp_path)
     assert 0 < float(row["loss"]) < float("inf")
 
 
+def test_the_default_on_the_gpu_is_fp16_with_its_loss_scale_in_the_weights(small_data, tmp_path):
+    weights = tmp_path / "default.pth"
+    result = _train(small_data, weights, "--epoch", "1", "--device", "cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precision: fp16 (mixed, dynamic loss scaling)" in result.stderr
+    meta = torch.load(weights, map_location="cpu", weights_only=True)["meta"]
+    assert meta["precision"]["precision"] == "fp16" and meta["precision"]["loss_scale"] > 0
+    fp32 = tmp_path / "fp32.pth"
+    assert _train(small_data, fp32, "--epoch", "1", "--device", "cuda", "--precision", "fp32").returncode == 0
+    assert "AmpOptimWrapper" not in fp32.with_suffix(".py").read_text()
+
+
+def test_batch_size_auto_measures_the_gpu_and_the_next_batch_would_not_fit_the_share(small_data, tmp_path):
+    """What auto picks, from CUDA's own peaks: the peak it measured at its batch is under 85% of the free
+    memory, and the line through its measurements puts one more image above it (within one step)."""
+    weights = tmp_path / "auto.pth"
+    args = [a if a != "4" else "auto" for a in FAST]
+    result = run_cli("train", "--label", small_data / "label.txt", "--train", small_data / "train" / "segm.json",
+                     "--output_weights", weights, *args, "--epoch", "1", "--device", "cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    auto = torch.load(weights, map_location="cpu", weights_only=True)["meta"]["batch_size_auto"]
+    batch, peaks = auto["batch_size"], {int(b): v for b, v in auto["peak_mib"].items() if isinstance(v, int)}
+    assert batch >= 1 and peaks[min(batch, max(peaks))] <= 0.85 * auto["free_mib"] + 1
+    assert batch == auto["limit"] or max(peaks) >= batch  # either the data ran out, or the batch was measured
+
+
 def test_resume_on_the_gpu_continues_from_the_checkpoint(small_data, tmp_path):
     weights = tmp_path / "r.pth"
     assert _train(small_data, weights, "--epoch", "1", "--device", "cuda").returncode == 0
