@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,25 @@ os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "strawberry"
 DATA = Path(__file__).resolve().parent / "data"
+# What a run of the slow tests writes at its peak (weights, checkpoints, a SeaweedFS volume, a Docker
+# build), measured ~15 GB under the temporary folder plus the image build.
+FULL_RUN_FREE_GIB = 20
+
+
+def pytest_report_header(config):
+    return f"free disk under {tempfile.gettempdir()}: {shutil.disk_usage(tempfile.gettempdir()).free / 1024**3:.1f} GiB"
+
+
+def pytest_collection_finish(session):
+    """A full run on a nearly full disk fails minutes in with hundreds of unrelated-looking errors
+    (MMEngine cannot make its temporary folder); say it once, before anything runs."""
+    if not any(item.get_closest_marker("slow") for item in session.items):
+        return
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 1024**3
+    if free < FULL_RUN_FREE_GIB:
+        pytest.exit(f"only {free:.1f} GiB free under {tempfile.gettempdir()}; the slow tests need about "
+                    f"{FULL_RUN_FREE_GIB} GiB: free space (old pytest-of-* folders there) or run -m 'not slow'",
+                    returncode=3)
 
 
 def run_cli(*args, cwd=None, env=None, timeout=900):

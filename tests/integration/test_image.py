@@ -31,6 +31,7 @@ def test_hadolint_passes():
 def engine(tmp_path_factory):
     docker = DockerEngine(tmp_path_factory.mktemp("docker")).start()
     yield docker
+    docker.prune()
     docker.stop()
 
 
