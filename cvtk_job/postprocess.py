@@ -12,7 +12,7 @@ is byte for byte what the main process would have made (`predictions.crop_detect
 import collections
 import logging
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from . import predictions
 
@@ -30,7 +30,7 @@ class Job:
     boxes: Any  # (N, 4) x1 y1 x2 y2, clipped to the image
     scores: Any
     labels: Any
-    crops: Optional[List[Any]]  # predictions.mask_crops; None for a box-only model
+    crops: Optional[predictions.Crops]  # predictions.mask_crops; None for a box-only model
     image_path: Optional[str] = None  # read again by the worker for drawing (nothing big is sent)
     drawn_path: Optional[str] = None  # where the drawn image goes; None: not drawn
 

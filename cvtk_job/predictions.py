@@ -85,9 +85,52 @@ def _span(a, b, size):
     return max(0, math.floor(a) - 1), min(size, math.ceil(b) + 1)
 
 
+class Crops:
+    """The kept masks cut to their boxes, packed in one flat bool buffer: `crops[i]` is (crop, x0, y0), a view.
+
+    Packed because this is what crosses to a post-processing worker: one buffer and one small table pickle in
+    ~0.1 ms, where 100 separate arrays took ~1.5 ms of the main process per image (bench/, postprocess row).
+    """
+
+    __slots__ = ("flat", "table")
+
+    def __init__(self, flat, table):
+        self.flat = flat  # bool, every crop row-major, one after the other
+        self.table = table  # int64 (N, 5): start in flat, height, width, x0, y0
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        start, h, w, x0, y0 = self.table[i].tolist()
+        return self.flat[start:start + h * w].reshape(h, w), x0, y0
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getstate__(self):
+        return self.flat, self.table
+
+    def __setstate__(self, state):
+        self.flat, self.table = state
+
+    @classmethod
+    def pack(cls, crops):
+        """[(crop, x0, y0)] → Crops (one copy of each crop into the buffer)."""
+        sizes = [c.size for c, _, _ in crops]
+        starts = np.cumsum([0] + sizes)
+        flat = np.empty(int(starts[-1]), bool)
+        for (crop, _, _), start, size in zip(crops, starts.tolist(), sizes, strict=False):
+            flat[start:start + size].reshape(crop.shape)[...] = crop
+        table = np.array([(start, c.shape[0], c.shape[1], x0, y0) for (c, x0, y0), start in zip(crops, starts.tolist(),
+                                                                                            strict=False)],
+                         np.int64).reshape(-1, 5)
+        return cls(flat, table)
+
+
 def mask_crops(masks, keep, boxes, height, width):
-    """The kept masks as [(bool crop, x0, y0)], each crop holding every pixel of its mask: the mask's box with a
-    pixel of margin (a Mask R-CNN mask lies in its box), or the whole mask when it has pixels outside.
+    """The kept masks as Crops, each crop holding every pixel of its mask: the mask's box with a pixel of
+    margin (a Mask R-CNN mask lies in its box), or the whole mask when it has pixels outside.
 
     What crosses to a post-processing worker: the boxes' pixels (a few KB per object), not an (H, W) array per
     detection (100 masks of a 1333x800 image are 107 MB). Cut where the masks are, with one transfer to the
@@ -95,7 +138,7 @@ def mask_crops(masks, keep, boxes, height, width):
     """
 
     if not len(keep):
-        return []
+        return Crops.pack([])
     spans = []
     for x1, y1, x2, y2 in boxes.tolist():
         (left, right), (top, bottom) = _span(x1, x2, width), _span(y1, y2, height)
@@ -112,27 +155,32 @@ def _host_crops(whole, keep, spans):
         crop = whole[k, top:bottom, left:right]
         inside = np.count_nonzero(crop) == np.count_nonzero(whole[k])
         crops.append((crop, left, top) if inside else (whole[k], 0, 0))
-    return crops
+    return Crops.pack(crops)
 
 
 def _device_crops(masks, keep, spans):
-    """Cut on the GPU: one transfer to the host for every crop, one for the mask sizes that prove them whole."""
+    """Cut on the GPU: one transfer to the host for every crop, one for the mask sizes that prove them whole.
+    The buffer that arrives is already the packed layout; only a crop with pixels outside its box is redone."""
     import torch
 
     selected = masks[torch.as_tensor(keep, device=masks.device, dtype=torch.long)]
     totals = torch.count_nonzero(selected.flatten(1), dim=1).cpu().numpy()
     pieces = [selected[i, top:bottom, left:right].reshape(-1) for i, (left, top, right, bottom) in enumerate(spans)]
     flat = torch.cat(pieces).cpu().numpy().astype(bool, copy=False)
-    crops, start = [], 0
-    for i, (left, top, right, bottom) in enumerate(spans):
-        size = (bottom - top) * (right - left)
-        crop = flat[start:start + size].reshape(bottom - top, right - left)
-        start += size
-        if np.count_nonzero(crop) != totals[i]:
-            crops.append((selected[i].cpu().numpy().astype(bool, copy=False), 0, 0))
-        else:
-            crops.append((crop, left, top))
-    return crops
+    sizes = [(bottom - top) * (right - left) for left, top, right, bottom in spans]
+    starts = np.cumsum([0] + sizes)[:-1]
+    table = np.array([(start, bottom - top, right - left, left, top)
+                      for start, (left, top, right, bottom) in zip(starts.tolist(), spans, strict=True)],
+                     np.int64).reshape(-1, 5)
+    packed = Crops(flat, table)
+    counts = [np.count_nonzero(flat[start:start + size]) for start, size in zip(starts.tolist(), sizes, strict=True)]
+    whole = np.flatnonzero(np.asarray(counts, np.int64) != totals)
+    if not len(whole):
+        return packed
+    crops = list(packed)
+    for i in whole.tolist():
+        crops[i] = (selected[i].cpu().numpy().astype(bool, copy=False), 0, 0)
+    return Crops.pack(crops)
 
 
 def crop_detections(boxes, scores, labels, crops, height, width):

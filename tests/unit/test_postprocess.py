@@ -139,3 +139,23 @@ def test_a_worker_error_reaches_the_main_process_as_itself(tmp_path):
     with postprocess.Workers(1, NAMES) as post, pytest.raises(UserError, match="gone.png: could not be read again"):
         list(post.submit(job))
         list(post.drain())
+
+
+def test_crops_cross_to_a_worker_as_one_buffer():
+    """Pickled, the crops are their pixels and a small table, not one array (and its pickle header) per mask;
+    unpickled, every crop is what was cut."""
+    import pickle
+
+    pred = fake_pred(6)
+    keep, boxes, _, _ = predictions.kept(pred, H, W, 0.0)
+    crops = predictions.mask_crops(pred["masks"], keep, boxes, H, W)
+    wire = pickle.dumps(crops)
+    pixels = sum(c.size for c, _, _ in crops)
+    assert len(crops) > 20 and pixels <= len(wire) < pixels + 40 * len(crops) + 1000
+    back = pickle.loads(wire)
+    assert len(back) == len(crops)
+    whole = pred["masks"].numpy()
+    for k, (crop, x0, y0) in zip(keep.tolist(), back, strict=True):
+        expected = np.zeros((H, W), bool)
+        expected[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+        assert np.array_equal(expected, whole[k])  # the crop holds all of its mask, at its place
