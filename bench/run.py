@@ -30,9 +30,9 @@ def report(name, ours, baseline, unit, ratio, target, met, note=""):
                  "met" if met else "missed", note))
 
 
-def measure(cmd):
+def measure(cmd, env=None):
     out = subprocess.run([PY, str(REPO / "bench" / "peak_rss.py"), *map(str, cmd)], capture_output=True,
-                         text=True, cwd=REPO)
+                         text=True, cwd=REPO, env={**os.environ, **(env or {})})
     if out.returncode:
         sys.exit(f"bench command failed: {' '.join(map(str, cmd))}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -426,7 +426,9 @@ def bench_gpu():
         measure([*CLI, "train", "--label", SAMPLE / "label.txt", "--train", SAMPLE / "train" / "segm.json",
                  "--test", SAMPLE / "test" / "segm.json", "--output_weights", out / name / "x.pth",
                  "--pretrained", "none", "--lr", "0.002", "--epoch", epochs,  # a low rate: random init stays finite
-                 "--batch_size", batch, "--num_workers", 8, "--device", "cuda", *extra])
+                 "--batch_size", batch, "--num_workers", 8, "--device", "cuda", *extra],
+                # Steps 2-4 of epoch 1 captured by torch.profiler (cvtk_job/profiling.py); epoch 1 is not timed.
+                env={"CVTK_JOB_PROFILE": "2,3"})
         rows = _stats_rows(out / name / "x.train_stats.train.txt")[1:]  # epoch 1 warms up (cuDNN, allocator)
         seconds_per_iteration = sum(float(r["time"]) for r in rows) / len(rows)
         results[name] = (batch / seconds_per_iteration, max((float(r["memory"]) for r in rows if "memory" in r),
@@ -441,6 +443,18 @@ def bench_gpu():
            amp / fp32 >= 1.5, what + curve)
     report("GPU training peak memory, default precision (fp16) vs fp32", amp_mem, fp32_mem, "MiB", amp_mem / fp32_mem,
            "(information)", True, "MMEngine's max allocated CUDA memory")
+    # What holds a step back (issue 18): the profile of 3 steps of each run, side by side.
+    profiles = {name: json.loads((out / name / "x" / "profile.json").read_text()) for name in results}
+    for name, summary in profiles.items():
+        print(f"GPU training profile {name}: {json.dumps(summary)}", flush=True)
+    keys = ("wall_ms_per_step", "device_busy", "kernels_per_step", "ops_per_step", "syncs_per_step",
+            "data_wait_ms_per_step", "math_in_fp32")
+    report("GPU training step (profiled), default precision (fp16) vs fp32", profiles["amp"]["wall_ms_per_step"],
+           profiles["fp32"]["wall_ms_per_step"], "ms", profiles["amp"]["wall_ms_per_step"]
+           / profiles["fp32"]["wall_ms_per_step"], "(information)", True,
+           "; ".join(f"{k}: fp16 {profiles['amp'].get(k)} vs fp32 {profiles['fp32'].get(k)}" for k in keys)
+           + "; top kernels fp16: " + ", ".join(f"{n[:40]} {ms:.1f} ms" for n, ms in
+                                                profiles["amp"].get("top_kernels_ms_per_step", [])[:5]))
     # --batch_size auto on the GPU: what it picks and what it measured (that batch + 1 must not fit: check the
     # peaks in the weights' meta.batch_size_auto against the free memory it states).
     shutil.rmtree(out / "auto", ignore_errors=True)

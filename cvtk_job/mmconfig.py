@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from .errors import UserError
 
@@ -120,6 +120,7 @@ class RunContext:
     max_detections: Optional[int] = None  # detections per image the model outputs (None: the config's)
     precision: str = "fp32"  # fp32, fp16 or bf16 (decided by `precision()`)
     densest_train: int = 0  # the most objects in one training image: above assign_threshold, RPN assigns on CPU
+    profile: Optional[Tuple[int, int]] = None  # (skip, steps): capture these training steps (profiling.py)
 
 
 def _walk(node, visit):
@@ -358,6 +359,9 @@ def build_config(opts, base_config, ctx: RunContext):
     # Last among equal priorities: a stop requested while the epoch's checkpoint was being written still
     # lets CvtkSyncOut upload it first.
     cfg.custom_hooks.append(dict(type="CvtkRunGuard"))
+    if ctx.profile:
+        cfg.custom_hooks.append(dict(type="CvtkProfile", skip=ctx.profile[0], steps=ctx.profile[1],
+                                     folder=ctx.work_dir))
     cfg.env_cfg = dict(cudnn_benchmark=False,
                        mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                        dist_cfg=dict(backend="nccl" if ctx.device == "cuda" else "gloo"))

@@ -372,6 +372,59 @@ class StartupGC(Hook):
         gc.enable()
 
 
+@HOOKS.register_module()
+class CvtkProfile(Hook):
+    """Captures `steps` training iterations after the first `skip` with torch.profiler (rank 0) and writes
+    `profile.json` (profiling.summarize) and `profile.trace.json` into the run's workspace; see profiling.py."""
+
+    priority = "VERY_LOW"  # the window closes after every other hook's share of the last step
+
+    def __init__(self, skip, steps, folder):
+        self.skip, self.steps, self.folder = skip, steps, folder
+        self._profiler = self._start = None
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        import time
+
+        import torch
+
+        if runner.iter != self.skip or self._profiler is not None or not is_main_process():
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize()
+        self._profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        self._profiler.__enter__()
+        self._start = time.perf_counter()
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        import time
+
+        import torch
+
+        if self._profiler is None or self._start is None or runner.iter != self.skip + self.steps - 1:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the window ends when the device has finished its work, not when it was queued
+        wall = time.perf_counter() - self._start
+        self._profiler.__exit__(None, None, None)
+        self._start = None
+        from . import profiling
+
+        summary = profiling.summarize(self._profiler.events(), self.steps, wall)
+        path = os.path.join(self.folder, "profile.json")
+        artifacts.write_json(path, summary, indent=1)
+        self._profiler.export_chrome_trace(os.path.join(self.folder, "profile.trace.json"))
+        runner.logger.info("%s (%s)", profiling.line(summary), path)
+
+    def after_train(self, runner):
+        if self._start is not None:  # the run ended inside the window
+            self._profiler.__exit__(None, None, None)
+            self._start = None
+            runner.logger.warning("profile: the run ended before its %d profiled steps; nothing written", self.steps)
+
+
 # Test hook (documented in the README): raise a real torch.OutOfMemoryError in the training step of this global
 # iteration (counted from 0), once, as CUDA does when a batch of dense images does not fit.
 OOM_TEST_HOOK = "CVTK_JOB_TEST_OOM_AT_ITER"

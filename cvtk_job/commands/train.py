@@ -36,6 +36,7 @@ class Decision:
     tiles: Any = None  # predictor.Tiling (train --tile W H), "auto" (decided from the training set), or None
     tile_overlap: Optional[float] = None  # --tile_overlap as given (--tile auto derives one when it is None)
     max_detections: Optional[int] = None  # --max_detections as given (None: from the data)
+    profile: Optional[tuple] = None  # (skip, steps) of CVTK_JOB_PROFILE: training steps to capture (profiling.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ def _check_exists(role, uri):
 def decide(opts):
     """Arguments → Decision, downloading only the label file (and, for --resume, the checkpoint)."""
     _check_numbers(opts)
+    from .. import profiling
+
+    profile = profiling.requested()
     outputs, remote = _outputs(opts)
     base_config = mmconfig.resolve_model(opts.model, opts.task)
     labels = coco.load_labels(storage.stage_file(opts.label))
@@ -121,7 +125,7 @@ def decide(opts):
     if isinstance(tiles, tuple):
         tiles = predictor.Tiling(*tiles, 0.2 if opts.tile_overlap is None else opts.tile_overlap)
     return Decision(outputs, remote, labels, splits, base_config, base_cfg, resume, resume_from, source, tiles,
-                    opts.tile_overlap, opts.max_detections)
+                    opts.tile_overlap, opts.max_detections, profile)
 
 
 def _auto_tiles(train, overlap):
@@ -214,7 +218,7 @@ def config(opts, p, where, device):
         device=device, load_from=p.resume_from, resume=p.resume, pretrained=p.pretrained,
         world_size=where.world_size, launcher="pytorch" if where.distributed else "none",
         remote_prefix=p.remote.prefix if p.remote else None, max_detections=p.max_detections,
-        precision=mmconfig.precision(opts, device)[0], densest_train=p.densest_train)
+        precision=mmconfig.precision(opts, device)[0], densest_train=p.densest_train, profile=p.profile)
     return mmconfig.build_config(opts, p.base_cfg, ctx)
 
 
