@@ -83,7 +83,11 @@ class _Stepper:
         self.index = max(range(len(counts)), key=counts.__getitem__)
         self.objects = counts[self.index]
         self.sample = dataset[self.index]
+        from . import assigner, masktargets, mmconfig  # noqa: F401 (assigner: registers CvtkMaxIoUAssigner)
+
+        mmconfig.use_sync_free_assigners(cfg.model)  # the model the run trains (mmhooks.CvtkRunner.build_model)
         self.model = MODELS.build(cfg.model).to(device)
+        masktargets.install(self.model)
         self.model.train()
         self.optim = build_optim_wrapper(self.model, cfg.optim_wrapper)
 

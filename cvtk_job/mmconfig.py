@@ -411,8 +411,23 @@ def set_gpu_assign_threshold(model_cfg, limit):
     the second stage assigns ~1000 proposals, not hundreds of thousands of anchors."""
     rpn = (model_cfg.get("train_cfg") or {}).get("rpn") or {}
     assigner = rpn.get("assigner")
-    if isinstance(assigner, dict) and assigner.get("type") == "MaxIoUAssigner":
+    if isinstance(assigner, dict) and assigner.get("type") in ("MaxIoUAssigner", "CvtkMaxIoUAssigner"):
         assigner["gpu_assign_thr"] = limit
+
+
+def use_sync_free_assigners(model_cfg):
+    """mmdet's MaxIoUAssigner → cvtk-job's (assigner.py): the same assignment, without a host-device wait per
+    object in low-quality matching. Applied where the training model is built (mmhooks.CvtkRunner, autobatch),
+    not in the written config, which stays loadable where cvtk-job is not installed. Returns how many."""
+
+    swapped = []
+
+    def visit(d):
+        if d.get("type") == "MaxIoUAssigner":
+            d["type"] = "CvtkMaxIoUAssigner"
+            swapped.append(d)
+    _walk(model_cfg.get("train_cfg") or {}, visit)
+    return len(swapped)
 
 
 def raise_score_threshold(model_cfg, threshold):

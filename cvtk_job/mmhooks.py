@@ -5,6 +5,8 @@
   validation set, the training rows gain `val_loss`: the loss on the validation images (no gradient).
 - `CvtkPretrained` loads the starting checkpoint (`--pretrained`) after MMEngine's weight init, keeping
   the model's own tensors where the checkpoint's shapes differ (a COCO head of 80 classes), in one line.
+- `CvtkRunner` builds the model with assigners and mask targets that do not stall the GPU (same results), runs
+  the epoch loop below, and never executes a checkpoint's `meta.config`.
 - `CvtkTrainLoop` is MMEngine's epoch loop whose step survives running out of GPU memory: the batch is
   split into parts whose gradients add up to the whole batch's (same global batch, same learning rate).
 - `CvtkCocoDetections` collects every detection of the test step (no score cut-off) and writes
@@ -22,7 +24,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import FUNCTIONS, HOOKS, LOOPS, METRICS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
-from . import artifacts, predictions
+from . import artifacts, assigner, predictions  # noqa: F401 (assigner: registers CvtkMaxIoUAssigner)
 
 
 def _mean(values):
@@ -338,6 +340,24 @@ class CvtkRunner(Runner):
     `--resume` file from someone else, whose `config` string holds code, would run that code. The key is
     dropped from the loaded checkpoint; cvtk-job and MMEngine write the config as `cfg`, which MMEngine
     does not execute. (Without it, test_migrate's poisoned --resume checkpoint ran its code.)"""
+
+    def build_model(self, model):
+        """The training model, with what makes a step wait less on the host: mmdet's MaxIoUAssigners run as
+        CvtkMaxIoUAssigner (assigner.py) and Mask R-CNN's mask targets are built on the device (masktargets.py);
+        both give mmdet's results exactly. The config keeps mmdet's names (as for the train loop below)."""
+        import copy
+
+        from . import masktargets, mmconfig
+
+        assigners = 0
+        if isinstance(model, dict):
+            model = copy.deepcopy(model)
+            assigners = mmconfig.use_sync_free_assigners(model)
+        model = super().build_model(model)
+        heads = masktargets.install(model)
+        self.logger.info("training model: %d MaxIoUAssigner(s) as CvtkMaxIoUAssigner, %d mask head(s) with "
+                         "targets built on the device (same results, fewer waits on the host)", assigners, heads)
+        return model
 
     def build_train_loop(self, loop):
         """The config's EpochBasedTrainLoop runs as CvtkTrainLoop (OOM back-off). The config keeps MMEngine's

@@ -113,6 +113,9 @@ def load_model(cfg, weights, device, score_threshold=None, where="the weights"):
         from mmdet.utils import register_all_modules
 
         register_all_modules(init_default_scope=False)
+        # As mmdet's init_detector: no training settings (assigners, samplers) for a model that only predicts;
+        # a cvtk-job config names cvtk-job's assigner there, which this process need not import.
+        cfg.model.train_cfg = None
         model = MODELS.build(cfg.model)
         try:
             model.load_state_dict(weights["state_dict"])

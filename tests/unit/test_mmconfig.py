@@ -174,3 +174,24 @@ def test_dense_training_images_move_the_rpn_assignment_to_the_cpu_above_what_fit
     assert "gpu_assign_thr" not in sparse.model.train_cfg.rpn.assigner
     small = build(tmp_path, context={"densest_train": 224}, image_size=[256, 192])
     assert "gpu_assign_thr" not in small.model.train_cfg.rpn.assigner  # 4,854 fit at 256x192
+
+
+@pytest.mark.parametrize("task", ["segm", "det"])
+def test_the_sync_free_assigner_keeps_every_setting_and_stays_out_of_the_written_config(tmp_path, task):
+    """The config (written as X.py) names mmdet's assigner; the model CvtkRunner builds from it uses cvtk-job's,
+    with the same settings (including the dense-image CPU threshold)."""
+    import copy
+
+    from mmengine.config import Config
+
+    base = Config.fromfile(mmconfig.resolve_model(None, task))
+    cfg = build(tmp_path, task=task, context={"densest_train": 224})
+    model = copy.deepcopy(cfg.model)
+    mmconfig.use_sync_free_assigners(model)
+    for stage in ("rpn", "rcnn"):
+        assert cfg.model.train_cfg[stage].assigner.type == "MaxIoUAssigner"
+        got, want = dict(model.train_cfg[stage].assigner), dict(base.model.train_cfg[stage].assigner)
+        assert want.pop("type") == "MaxIoUAssigner" and got.pop("type") == "CvtkMaxIoUAssigner"
+        got.pop("gpu_assign_thr", None)
+        assert got == want
+    assert model.train_cfg.rpn.assigner.gpu_assign_thr == 223
