@@ -6,10 +6,11 @@ on a GPU every object of every image costs a synchronisation and a few tiny kern
 (RPN, then R-CNN). With 100 objects per image and 8 images a step that is ~1,600 waits in which the GPU runs
 dry (issue 18: mixed precision gave only 1.14x). `CvtkMaxIoUAssigner` gives exactly the same assignment
 with a few whole-tensor operations: the objects are visited in order and a later one overwrites an earlier one,
-so each prior ends with the *last* object that claims it, which is what is computed below.
+so each prior ends with the *last* object that claims it, which is what `low_quality_matches` computes. On the
+CPU (no synchronisation to save; also mmdet's dense-image fallback, `gpu_assign_thr`) mmdet's loop runs.
 
-`mmconfig` swaps the type in the training config (the dumped config's hooks are cvtk-job's too); inference
-builds no assigner.
+Used where the training model is built (`mmhooks.CvtkRunner.build_model`, `autobatch`, through
+`mmconfig.use_sync_free_assigners`); the written config keeps mmdet's name.
 """
 
 import torch
@@ -20,7 +21,7 @@ from mmdet.registry import TASK_UTILS
 @TASK_UTILS.register_module()
 class CvtkMaxIoUAssigner(MaxIoUAssigner):
     def assign_wrt_overlaps(self, overlaps, gt_labels):
-        if not self.match_low_quality:
+        if not self.match_low_quality or not self.vectorized(overlaps):
             return super().assign_wrt_overlaps(overlaps, gt_labels)
         # Steps 1-3 (negatives, positives) are mmdet's own; only the per-object loop of step 4 is replaced.
         self.match_low_quality = False
@@ -28,23 +29,32 @@ class CvtkMaxIoUAssigner(MaxIoUAssigner):
             result = super().assign_wrt_overlaps(overlaps, gt_labels)
         finally:
             self.match_low_quality = True
-        num_gts, num_priors = overlaps.shape
-        if num_gts == 0 or num_priors == 0:
-            return result
-        gt_max, gt_argmax = overlaps.max(dim=1)
-        eligible = gt_max >= self.min_pos_iou
-        if self.gt_max_assign_all:
-            # Every prior at an object's best IoU is claimed by it; the last claiming object wins.
-            claims = (overlaps == gt_max[:, None]) & eligible[:, None]
-            claimed = claims.any(dim=0)
-            last = num_gts - 1 - claims.flip(0).to(torch.uint8).argmax(dim=0)
-        else:
-            # Each eligible object claims its one best prior; the last claiming object wins.
-            order = torch.arange(1, num_gts + 1, device=overlaps.device)
-            best = torch.zeros(num_priors, dtype=torch.long, device=overlaps.device)
-            best = best.scatter_reduce(0, gt_argmax, torch.where(eligible, order, 0), reduce="amax")
-            claimed, last = best > 0, best - 1
-        gt_inds = torch.where(claimed, last + 1, result.gt_inds)
-        result.gt_inds = gt_inds
-        result.labels = torch.where(gt_inds > 0, gt_labels[(gt_inds - 1).clamp(min=0)], gt_inds.new_full((), -1))
+        if overlaps.shape[0] and overlaps.shape[1]:
+            result.gt_inds = low_quality_matches(overlaps, result.gt_inds, self.min_pos_iou, self.gt_max_assign_all)
+            gt_inds = result.gt_inds
+            result.labels = torch.where(gt_inds > 0, gt_labels[(gt_inds - 1).clamp(min=0)], gt_inds.new_full((), -1))
         return result
+
+    @staticmethod
+    def vectorized(overlaps):
+        """On a GPU the loop's waits are what costs; on the CPU there are none, and the loop, one row at a time
+        in cache, was ~2x faster than the whole-matrix operations (bench/run.py --only step_waits)."""
+        return overlaps.device.type != "cpu"
+
+
+def low_quality_matches(overlaps, gt_inds, min_pos_iou, gt_max_assign_all):
+    """mmdet's step 4 (each object claims the priors at its best IoU when that IoU reaches min_pos_iou, objects in
+    order, a later one overwriting an earlier one) on the whole (objects, priors) matrix at once: gt_inds updated."""
+    num_gts, num_priors = overlaps.shape
+    gt_max, gt_argmax = overlaps.max(dim=1)
+    eligible = gt_max >= min_pos_iou
+    # Object numbers (1-based) in the narrowest type that holds them: the matrix below is objects x priors.
+    kind = torch.int16 if num_gts < 2**15 else torch.int32
+    order = torch.arange(1, num_gts + 1, device=overlaps.device, dtype=kind)
+    if gt_max_assign_all:
+        claims = (overlaps == gt_max[:, None]) & eligible[:, None]
+        last = torch.where(claims, order[:, None], torch.zeros((), dtype=kind, device=overlaps.device)).amax(dim=0)
+    else:
+        last = torch.zeros(num_priors, dtype=kind, device=overlaps.device)
+        last = last.scatter_reduce(0, gt_argmax, torch.where(eligible, order, 0), reduce="amax")
+    return torch.where(last > 0, last.to(gt_inds.dtype), gt_inds)

@@ -1,10 +1,18 @@
-"""CvtkMaxIoUAssigner: mmdet's MaxIoUAssigner's assignment, exactly, without a host read per object."""
+"""CvtkMaxIoUAssigner: mmdet's MaxIoUAssigner's assignment, exactly, without a host read per object.
+
+Its whole-matrix way runs where the overlaps are on a GPU; here (CPU tensors) the tests force it, except where
+they check that the CPU keeps mmdet's loop."""
 
 import pytest
 import torch
 from mmdet.models.task_modules.assigners import MaxIoUAssigner
 
 from cvtk_job.assigner import CvtkMaxIoUAssigner
+
+
+@pytest.fixture(autouse=True)
+def whole_matrix_way(monkeypatch):
+    monkeypatch.setattr(CvtkMaxIoUAssigner, "vectorized", staticmethod(lambda overlaps: True))
 
 SETTINGS = {  # as in mmdet's Mask R-CNN config (RPN, R-CNN), plus the other branches of the loop
     "rpn": dict(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True, ignore_iof_thr=-1),
@@ -68,3 +76,11 @@ def test_no_host_read_per_object(monkeypatch):
 
     assert count(MaxIoUAssigner, 300) >= 300  # the loop being replaced
     assert count(CvtkMaxIoUAssigner, 300) == count(CvtkMaxIoUAssigner, 1) <= 2
+    monkeypatch.setattr(CvtkMaxIoUAssigner, "vectorized", staticmethod(lambda overlaps: False))  # as on the CPU
+    assert count(CvtkMaxIoUAssigner, 300) == count(MaxIoUAssigner, 300) >= 300  # mmdet's loop: no waits to save
+
+
+def test_the_whole_matrix_way_is_for_devices_other_than_the_cpu(monkeypatch):
+    monkeypatch.undo()
+    assert not CvtkMaxIoUAssigner.vectorized(torch.zeros(2, 3))
+    assert CvtkMaxIoUAssigner.vectorized(torch.zeros(2, 3, device="meta"))
