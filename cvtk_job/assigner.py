@@ -55,6 +55,8 @@ def low_quality_matches(overlaps, gt_inds, min_pos_iou, gt_max_assign_all):
         claims = (overlaps == gt_max[:, None]) & eligible[:, None]
         last = torch.where(claims, order[:, None], torch.zeros((), dtype=kind, device=overlaps.device)).amax(dim=0)
     else:
-        last = torch.zeros(num_priors, dtype=kind, device=overlaps.device)
+        # One value per prior (no matrix): int64, the type every device's scatter_reduce amax supports.
+        order = order.long()
+        last = torch.zeros(num_priors, dtype=torch.long, device=overlaps.device)
         last = last.scatter_reduce(0, gt_argmax, torch.where(eligible, order, 0), reduce="amax")
     return torch.where(last > 0, last.to(gt_inds.dtype), gt_inds)

@@ -48,7 +48,7 @@ def _image_targets(proposals, assigned, masks, size, binarize):
     whole = torch.from_numpy(masks.masks).to(device).index_select(0, used).to(boxes.dtype)[:, None]
     rois = torch.cat([slot.to(boxes.dtype)[:, None], boxes], dim=1)
     targets = roi_align(whole, rois, size, 1.0, 0, "avg", True).squeeze(1)
-    return (targets >= 0.5).float() if binarize else targets
+    return (targets >= 0.5).float() if binarize else targets.float()  # float32 as mmdet's, whatever the boxes' dtype
 
 
 def install(model):

@@ -134,3 +134,33 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(small_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["epoch"] for r in _rows(weights.with_suffix(".train_stats.train.txt"))] == ["1", "2"]
 
+
+
+def test_the_assigner_and_mask_targets_on_cuda_equal_mmdets():
+    """On CUDA the assigner takes its whole-matrix way (int16 amax, int64 scatter_reduce) and the mask targets
+    stay on the device: both must still give mmdet's results there."""
+    from mmdet.models.roi_heads.mask_heads import FCNMaskHead
+    from mmdet.models.task_modules.assigners import MaxIoUAssigner
+    from mmengine.config import ConfigDict
+
+    from cvtk_job import masktargets
+    from cvtk_job.assigner import CvtkMaxIoUAssigner
+    from tests.unit.test_assigner import SETTINGS, overlaps_with_ties
+    from tests.unit.test_masktargets import batch
+
+    for setting in SETTINGS.values():
+        for num_gts, num_priors in ((1, 40), (60, 500), (300, 20000)):
+            overlaps = overlaps_with_ties(num_gts, num_priors, 0).cuda()
+            labels = torch.randint(0, 5, (num_gts,)).cuda()
+            want = MaxIoUAssigner(**setting).assign_wrt_overlaps(overlaps.clone(), labels)
+            got = CvtkMaxIoUAssigner(**setting).assign_wrt_overlaps(overlaps.clone(), labels)
+            assert torch.equal(got.gt_inds, want.gt_inds) and torch.equal(got.labels, want.labels)
+    head = FCNMaskHead(num_convs=1, in_channels=4, conv_out_channels=4, num_classes=2)
+    for soft in (False, True):
+        cfg = ConfigDict(mask_size=28, soft_mask_target=soft)
+        results, gts = batch(3)
+        for r in results:
+            r.pos_priors, r.pos_assigned_gt_inds = r.pos_priors.cuda(), r.pos_assigned_gt_inds.cuda()
+        want = head.get_targets(results, gts, cfg)
+        got = masktargets.get_targets(head, results, gts, cfg)
+        assert got.is_cuda and got.dtype == want.dtype and torch.equal(got, want)
