@@ -14,7 +14,7 @@ from pathlib import Path
 
 BASE_IMAGE = "cvtk-test-base:bookworm"
 # Enough build cache to rebuild after a source change without reinstalling the wheels.
-BUILD_CACHE_KEEP_BYTES = 3 * 1024**3
+BUILD_CACHE_KEEP_BYTES = 12 * 1024**3
 # What the image's build and runtime stages need from the base (see the Dockerfile's *_PACKAGES).
 BASE_PACKAGES = ["python3", "python3-venv", "libgl1", "libglib2.0-0", "ca-certificates"]
 
