@@ -432,10 +432,15 @@ class CvtkProfile(Hook):
         self._start = None
         from . import profiling
 
-        summary = profiling.summarize(self._profiler.events(), self.steps, wall)
-        path = os.path.join(self.folder, "profile.json")
-        artifacts.write_json(path, summary, indent=1)
-        self._profiler.export_chrome_trace(os.path.join(self.folder, "profile.trace.json"))
+        try:
+            summary = profiling.summarize(self._profiler.events(), self.steps, wall)
+            path = os.path.join(self.folder, "profile.json")
+            artifacts.write_json(path, summary, indent=1)
+            self._profiler.export_chrome_trace(os.path.join(self.folder, "profile.trace.json"))
+        except Exception as err:  # noqa: BLE001 - a developer's measurement never fails the training run
+            runner.logger.warning("profile: could not be summarised or written (%s: %s); training goes on",
+                                  type(err).__name__, err)
+            return
         runner.logger.info("%s (%s)", profiling.line(summary), path)
 
     def after_train(self, runner):

@@ -52,7 +52,7 @@ def summarize(events, steps, wall_seconds):
     math = collections.defaultdict(float)
     for e in host:
         if e.name in MATH_OPS:
-            dtype = (e.input_dtypes or ["?"])[0] or "?"
+            dtype = (getattr(e, "input_dtypes", None) or ["?"])[0] or "?"  # recorded with record_shapes
             math["fp32" if dtype == "float" else "other"] += e.device_time_total if kernels else e.cpu_time_total
     top_level = [e for e in host if e.name.startswith("aten::")
                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
