@@ -407,6 +407,18 @@ def _stats_rows(tsv):
     return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
 
 
+def _report_profiles(profiles):
+    """The profiled steps of the fp16 and fp32 training runs side by side (cvtk_job/profiling.py)."""
+    keys = ("wall_ms_per_step", "device_busy", "kernels_per_step", "ops_per_step", "syncs_per_step",
+            "data_wait_ms_per_step", "math_in_fp32")
+    report("GPU training step (profiled), default precision (fp16) vs fp32", profiles["amp"]["wall_ms_per_step"],
+           profiles["fp32"]["wall_ms_per_step"], "ms", profiles["amp"]["wall_ms_per_step"]
+           / profiles["fp32"]["wall_ms_per_step"], "(information)", True,
+           "; ".join(f"{k}: fp16 {profiles['amp'].get(k)} vs fp32 {profiles['fp32'].get(k)}" for k in keys)
+           + "; top kernels fp16: " + ", ".join(f"{n[:40]} {ms:.1f} ms" for n, ms in
+                                                profiles["amp"].get("top_kernels_ms_per_step", [])[:5]))
+
+
 def bench_gpu():
     """Training fp32 vs the default precision (fp16), --batch_size auto, and inference vs DetInferencer and vs the
     forward pass alone, on the GPU (`bench/run.py --gpu`)."""
@@ -444,17 +456,12 @@ def bench_gpu():
     report("GPU training peak memory, default precision (fp16) vs fp32", amp_mem, fp32_mem, "MiB", amp_mem / fp32_mem,
            "(information)", True, "MMEngine's max allocated CUDA memory")
     # What holds a step back (issue 18): the profile of 3 steps of each run, side by side.
-    profiles = {name: json.loads((out / name / "x" / "profile.json").read_text()) for name in results}
+    profiles = {name: json.loads(path.read_text()) for name in results
+                if (path := out / name / "x" / "profile.json").exists()}  # absent: the run logged why
     for name, summary in profiles.items():
         print(f"GPU training profile {name}: {json.dumps(summary)}", flush=True)
-    keys = ("wall_ms_per_step", "device_busy", "kernels_per_step", "ops_per_step", "syncs_per_step",
-            "data_wait_ms_per_step", "math_in_fp32")
-    report("GPU training step (profiled), default precision (fp16) vs fp32", profiles["amp"]["wall_ms_per_step"],
-           profiles["fp32"]["wall_ms_per_step"], "ms", profiles["amp"]["wall_ms_per_step"]
-           / profiles["fp32"]["wall_ms_per_step"], "(information)", True,
-           "; ".join(f"{k}: fp16 {profiles['amp'].get(k)} vs fp32 {profiles['fp32'].get(k)}" for k in keys)
-           + "; top kernels fp16: " + ", ".join(f"{n[:40]} {ms:.1f} ms" for n, ms in
-                                                profiles["amp"].get("top_kernels_ms_per_step", [])[:5]))
+    if len(profiles) == len(results):
+        _report_profiles(profiles)
     # --batch_size auto on the GPU: what it picks and what it measured (that batch + 1 must not fit: check the
     # peaks in the weights' meta.batch_size_auto against the free memory it states).
     shutil.rmtree(out / "auto", ignore_errors=True)
