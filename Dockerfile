@@ -50,13 +50,23 @@ RUN MMCV_WHEEL="$(ls /wheels/mmcv-*.whl 2>/dev/null || true)"; \
 # mmcv's setup.py compiles with -g: debug symbols are nearly all of its one extension (measured here:
 # 83 MB -> 2.2 MB for the CPU build, 109 MB -> 27 MB for CUDA ops for sm_90 alone).
 RUN if command -v strip >/dev/null; then find /opt/venv -path '*/mmcv/_ext*.so' -exec strip --strip-debug {} +; fi
+# The project's own dependencies, read from pyproject.toml, before any source is copied: a change to
+# cvtk_job/ leaves this stage (and the ~2 GB venv the runtime stage copies from it) cached.
+COPY pyproject.toml /src/
+RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
+       > /src/requirements/runtime.txt \
+    && pip install ${PIP_ARGS} --find-links /wheels -c /src/requirements/constraints.txt -r /src/requirements/runtime.txt
+
+# cvtk-job itself, as a wheel the runtime stage installs on top of the copied venv (a few hundred kB).
+FROM build AS app
 COPY pyproject.toml README.md entrypoint.py /src/
 COPY cvtk_job/ /src/cvtk_job/
-RUN pip install ${PIP_ARGS} --find-links /wheels -c /src/requirements/constraints.txt /src \
+RUN pip wheel ${PIP_ARGS} --find-links /wheels --no-deps -w /dist /src \
+    && pip install --no-deps /dist/cvtk_job-*.whl \
     && python -c "import mmcv.ops, mmdet, cvtk_job"
 
 # Pretrained COCO checkpoints baked in for offline clusters: PRETRAINED="mask-rcnn_r101_fpn_1x_coco …"
-FROM build AS pretrained
+FROM app AS pretrained
 ARG PRETRAINED=""
 RUN mkdir -p /opt/cvtk-job/checkpoints \
     && CVTK_JOB_PRETRAINED_DIR=/opt/cvtk-job/checkpoints python -m cvtk_job.pretrained ${PRETRAINED}
@@ -76,6 +86,8 @@ RUN dpkg -s ${RUNTIME_PACKAGES} >/dev/null 2>&1 || { apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${RUNTIME_PACKAGES} \
     && rm -rf /var/lib/apt/lists/*; }
 COPY --from=build /opt/venv /opt/venv
+RUN --mount=type=bind,from=app,source=/dist,target=/dist \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 /opt/venv/bin/pip install --no-deps --no-index /dist/cvtk_job-*.whl
 COPY --from=pretrained /opt/cvtk-job/checkpoints /opt/cvtk-job/checkpoints
 COPY entrypoint.py /app/entrypoint.py
 # Any UID (OpenShift, Apptainer, --user) and a read-only root filesystem: everything written goes
