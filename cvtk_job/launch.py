@@ -116,22 +116,48 @@ def available_cpus():
     return cpus
 
 
-def default_workers(env=None):
-    """`--num_workers` when not given: the CPUs of this process's share of the node, less one for the
-    process itself, at most MAX_DEFAULT_WORKERS (0 on a single CPU: load in the main process)."""
+def cpu_share(env=None):
+    """CPUs of this process's share of the node: Slurm's --cpus-per-task, or what the process may use
+    split among torchrun's workers on the node (they share one affinity mask)."""
     env = os.environ if env is None else env
     cpus = available_cpus()
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
         cpus = min(cpus, int(env["SLURM_CPUS_PER_TASK"]))
-    local = int(env.get("LOCAL_WORLD_SIZE") or 1)  # torchrun's workers share one affinity mask
-    share = max(1, cpus // local)
-    return max(0, min(MAX_DEFAULT_WORKERS, share - 1))
+    local = int(env.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, cpus // local)
+
+
+def default_workers(env=None):
+    """`--num_workers` when not given: the CPUs of this process's share of the node, less one for the
+    process itself, at most MAX_DEFAULT_WORKERS (0 on a single CPU: load in the main process)."""
+    return max(0, min(MAX_DEFAULT_WORKERS, cpu_share(env) - 1))
+
+
+def limit_cpu_threads(env=None):
+    """On CPU, torch's math threads to this process's share of the node, unless OMP_NUM_THREADS says.
+
+    torch starts one OpenMP thread per core it sees, and Slurm without a cpuset task plugin (or a pod
+    with a CPU limit) shows every rank all the node's cores: two ranks on two cores then run four
+    spinning threads and each step waits on the other's (measured on this machine's two-node test
+    cluster: see the 2026-12-07 note of issue 18). torchrun sets OMP_NUM_THREADS=1 itself for several
+    workers; srun and a plain start do not. Returns the number of threads set, or None."""
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    share = cpu_share(env)
+    if share >= torch.get_num_threads():
+        return None
+    torch.set_num_threads(share)
+    return share
 
 
 def select_device(requested):
     """`--device auto|cpu|cuda` → "cpu" or "cuda"; call before anything imports torch for `cpu`."""
     if requested == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # mmengine picks the device itself: hide the GPUs
+        limit_cpu_threads()
         return "cpu"
     import torch
 
@@ -139,4 +165,5 @@ def select_device(requested):
         return "cuda"
     if requested == "cuda":
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or run on a GPU node")
+    limit_cpu_threads()
     return "cpu"

@@ -36,3 +36,20 @@ def test_the_affinity_mask_is_what_counts_not_the_machine():
 ])
 def test_first_host_of_a_slurm_nodelist_without_scontrol(nodelist, first):
     assert launch.first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"SLURM_CPUS_PER_TASK": "1"}, "1"),  # srun without a cpuset: the rank still sees both cores
+    ({"LOCAL_WORLD_SIZE": "2"}, "1"),
+    ({"SLURM_CPUS_PER_TASK": "1", "OMP_NUM_THREADS": "2"}, "2"),  # the user's word wins
+    ({}, "2"),
+])
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_cpu_math_threads_follow_the_process_share(env, expected):
+    code = ("import torch; torch.set_num_threads(2); from cvtk_job import launch; launch.select_device('cpu'); "
+            "print(torch.get_num_threads())")
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**clean, **env}).stdout.split()
+    assert out == [expected]
