@@ -83,6 +83,10 @@ class Pod:
                 if value == mount or value.startswith(mount + "/"):
                     value = str(local) + value[len(mount):]
             env[var["name"]] = value
+        if job_doc["spec"].get("completions", 1) > 1:
+            # Speed only: the pods of this Job, each on a node of its own on a cluster, share this machine's
+            # two cores here; one math thread each keeps them from spinning against each other.
+            env.setdefault("OMP_NUM_THREADS", "1")
         image = {"python": sys.executable, "/app/entrypoint.py": str(REPO / "entrypoint.py")}
         argv = [image.get(w, w) for w in (command or container["command"])] + container["args"] + SPEED + list(extra)
         hosts = self.dir / "hosts"
