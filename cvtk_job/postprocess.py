@@ -35,10 +35,12 @@ class Job:
     drawn_path: Optional[str] = None  # where the drawn image goes; None: not drawn
 
 
-def make_job(index, name, pred, height, width, with_mask, threshold, image_path=None, drawn_path=None):
-    """The main process's share: the detections that pass the threshold, moved to the host, masks cropped."""
+def make_job(index, name, pred, height, width, with_mask, threshold, image_path=None, drawn_path=None,
+             in_box=False):
+    """The main process's share: the detections that pass the threshold, moved to the host, masks cropped
+    (`in_box`: predictor.masks_pasted_in_boxes of the model)."""
     keep, boxes, scores, labels = predictions.kept(pred, height, width, threshold)
-    crops = predictions.mask_crops(pred["masks"], keep, boxes, height, width) \
+    crops = predictions.mask_crops(pred["masks"], keep, boxes, height, width, in_box) \
         if with_mask and "masks" in pred else None
     return Job(index, name, int(width), int(height), boxes, scores, labels, crops, image_path, drawn_path)
 

@@ -128,6 +128,28 @@ def load_model(cfg, weights, device, score_threshold=None, where="the weights"):
     return model
 
 
+def masks_pasted_in_boxes(model):
+    """Whether every mask this model predicts on the CPU is zero outside its box widened by a pixel.
+
+    True for mmdet's two-stage heads as they are (StandardRoIHead's predict_mask, FCNMaskHead's pasting with
+    binary masks): on the CPU `_do_paste_mask` writes each mask only into floor(x1)-1 .. ceil(x2)+1 of its
+    own box, into zeros (tests/unit/test_postprocess.py checks this on pasted masks). Any other head (SOLO,
+    Mask2Former, PointRend, a user's) may place pixels anywhere, and the post-processing then proves each
+    crop whole by counting its whole mask (predictions.mask_crops)."""
+    from mmdet.models.roi_heads import StandardRoIHead
+    from mmdet.models.roi_heads.mask_heads import FCNMaskHead
+
+    roi_head = getattr(model, "roi_head", None)
+    mask_head = getattr(roi_head, "mask_head", None)
+    if not isinstance(roi_head, StandardRoIHead) or not isinstance(mask_head, FCNMaskHead):
+        return False
+    threshold = (getattr(roi_head, "test_cfg", None) or {}).get("mask_thr_binary")
+    return (type(roi_head).predict_mask is StandardRoIHead.predict_mask
+            and type(mask_head).predict_by_feat is FCNMaskHead.predict_by_feat
+            and type(mask_head)._predict_by_feat_single is FCNMaskHead._predict_by_feat_single
+            and threshold is not None and threshold >= 0)
+
+
 def predict(model, datas):
     """Pipeline outputs of images of one size → the model's DetDataSamples (under no_grad)."""
     import torch

@@ -220,6 +220,7 @@ def run(opts):
         postprocess.Workers(opts.num_workers, labels)
     model = predictor.load_model(cfg, weights, device, floor, where=opts.model_weights)
     with_mask = d.task == "segm"
+    in_box = with_mask and predictor.masks_pasted_in_boxes(model)
     tiled = d.tiling
     transform = predictor.pipeline(cfg)
 
@@ -296,7 +297,7 @@ def run(opts):
                 if not opts.no_draw:
                     drawn.append(os.path.join(output, ref.name))
                 job = postprocess.make_job(item.index, ref.name, result.pred_instances, height, width, with_mask,
-                                           threshold, ref.path, None if opts.no_draw else drawn[-1])
+                                           threshold, ref.path, None if opts.no_draw else drawn[-1], in_box)
                 for index, *record in post.submit(job):
                     in_order.add(index, index + 1, *record)
             done += len(good)

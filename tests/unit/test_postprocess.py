@@ -159,3 +159,80 @@ def test_crops_cross_to_a_worker_as_one_buffer():
         expected = np.zeros((H, W), bool)
         expected[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
         assert np.array_equal(expected, whole[k])  # the crop holds all of its mask, at its place
+
+
+def _mask_rcnn():
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    from tests.conftest import TINY_MODELS
+
+    register_all_modules()
+    return MODELS.build(Config.fromfile(TINY_MODELS["segm"]).model)
+
+
+def test_mmdet_pastes_each_mask_inside_its_box_on_the_cpu():
+    """What `in_box` relies on, checked on masks mmdet's own FCNMaskHead pastes: sure-foreground logits
+    (sigmoid 1.0 everywhere, the most a bilinear edge can spread), boxes of every size, partly outside the image,
+    fractional, rescaled from the network's input size. Every pixel outside floor(x1)-1 .. ceil(x2)+1 is zero
+    (counted with numpy), and the crops cut without the proof equal the crops cut with it."""
+    from mmengine.config import ConfigDict
+    from mmengine.structures import InstanceData
+
+    head = _mask_rcnn().roi_head.mask_head
+    rng = np.random.default_rng(0)
+    n, height, width, scale = 60, 90, 130, (0.8, 0.7)
+    xy = rng.uniform(-8, [width * scale[0] - 1, height * scale[1] - 1], (n, 2))
+    boxes = np.concatenate([xy, np.maximum(xy + rng.uniform(0.3, 80, (n, 2)), 0.5)], 1).astype(np.float32)
+    results = InstanceData(bboxes=torch.from_numpy(boxes), labels=torch.from_numpy(rng.integers(0, 1, n)),
+                           scores=torch.from_numpy(rng.uniform(0.5, 1, n).astype(np.float32)))
+    logits = torch.full((n, 1, 28, 28), 30.0)
+    logits[::3] = torch.from_numpy(rng.normal(0, 3, (len(logits[::3]), 1, 28, 28)).astype(np.float32))
+    meta = {"ori_shape": (height, width), "scale_factor": scale, "img_shape": (72, 91)}
+    out = head.predict_by_feat((logits,), [results], [meta], ConfigDict(mask_thr_binary=0.5), rescale=True)[0]
+    masks = out.masks.numpy()
+    pasted = out.bboxes.numpy()  # mmdet rescales the boxes in place: these are the boxes it pasted into
+    assert masks.shape == (n, height, width) and masks.any()
+    cols, rows = np.arange(width), np.arange(height)
+    for mask, (x1, y1, x2, y2) in zip(masks, pasted, strict=True):
+        allowed = np.outer((rows >= np.floor(y1) - 1) & (rows < np.ceil(y2) + 1),
+                           (cols >= np.floor(x1) - 1) & (cols < np.ceil(x2) + 1))
+        assert not mask[~allowed].any()
+    pred = {"bboxes": out.bboxes, "scores": out.scores, "labels": out.labels, "masks": out.masks}
+    keep, kept_boxes, _, _ = predictions.kept(pred, height, width, 0.0)
+    proved = predictions.mask_crops(pred["masks"], keep, kept_boxes, height, width)
+    trusted = predictions.mask_crops(pred["masks"], keep, kept_boxes, height, width, in_box=True)
+    assert np.array_equal(proved.table, trusted.table) and np.array_equal(proved.flat, trusted.flat)
+
+
+def test_only_mmdets_own_box_pasting_is_trusted():
+    from mmdet.models.roi_heads.mask_heads import FCNMaskHead
+
+    from cvtk_job import predictor
+
+    model = _mask_rcnn().eval()
+    assert predictor.masks_pasted_in_boxes(model)
+
+    class Elsewhere(FCNMaskHead):  # a head that places masks its own way
+        def _predict_by_feat_single(self, *args, **kwargs):
+            return super()._predict_by_feat_single(*args, **kwargs)
+
+    model.roi_head.mask_head.__class__ = Elsewhere
+    assert not predictor.masks_pasted_in_boxes(model)
+    model = _mask_rcnn()
+    model.roi_head.test_cfg.mask_thr_binary = -1  # soft (uint8) masks
+    assert not predictor.masks_pasted_in_boxes(model)
+    del model.roi_head  # a model without a two-stage mask head
+    assert not predictor.masks_pasted_in_boxes(model)
+
+
+def test_trusting_the_box_is_what_keeps_a_leaking_mask_cut():
+    """Without `in_box`, a mask with pixels outside its box is sent whole (the proof works); with it, the crop
+    is the box's (so `in_box` must only be given for heads that paste inside the box)."""
+    pred = fake_pred(0)
+    keep, boxes, _, _ = predictions.kept(pred, H, W, 0.0)
+    proved = predictions.mask_crops(pred["masks"], keep, boxes, H, W)
+    trusted = predictions.mask_crops(pred["masks"], keep, boxes, H, W, in_box=True)
+    whole = [i for i, (crop, _, _) in enumerate(proved) if crop.shape == (H, W)]
+    assert whole and all(trusted[i][0].shape != (H, W) for i in whole)
