@@ -7,6 +7,9 @@ jobs were given (`InputOrder` then restores the input order across same-size bat
 is byte for byte what the main process would have made (`predictions.crop_detections`).
 
 `--num_workers 0` runs the same code in the main process (`Inline`): one path, two places to run it.
+
+Tiled inference (`TiledJob`) hands over the merged pieces of one large image: the worker encodes their RLE and
+draws the image, which it reads again (band by band for a TIFF), while the main process cuts the next image.
 """
 
 import collections
@@ -45,6 +48,20 @@ def make_job(index, name, pred, height, width, with_mask, threshold, image_path=
     return Job(index, name, int(width), int(height), boxes, scores, labels, crops, image_path, drawn_path)
 
 
+@dataclass
+class TiledJob:
+    """One tiled image's merged detections (tiling.Piece: box, score, label, mask crop): what crosses to a worker."""
+
+    index: int
+    name: str
+    width: int
+    height: int
+    pieces: list
+    with_mask: bool
+    image_path: Optional[str] = None  # read again by the worker for drawing
+    drawn_path: Optional[str] = None  # where the drawn image goes; None: not drawn
+
+
 _class_names = None  # set once per worker by `_init`
 
 
@@ -58,6 +75,8 @@ def _init(class_names):
 
 def finish(job, class_names=None):
     """A Job → (index, name, width, height, detections), the drawn image written when asked for."""
+    if isinstance(job, TiledJob):
+        return _finish_tiled(job, class_names or _class_names)
     dets = predictions.crop_detections(job.boxes, job.scores, job.labels, job.crops, job.height, job.width)
     if job.drawn_path:
         import cv2
@@ -72,6 +91,29 @@ def finish(job, class_names=None):
                             "removed while inference ran?); rerun, or use --no_draw")
         drawing.write_image(job.drawn_path, drawing.draw(image, dets, class_names or _class_names,
                                                          crops=job.crops))
+    return job.index, job.name, job.width, job.height, dets
+
+
+def _finish_tiled(job, class_names):
+    from . import drawing, raster, tiling
+    from .errors import UserError
+
+    dets = [tiling.detection(p, job.height, job.width) for p in job.pieces]
+    if job.drawn_path:
+        crops = [(p.mask, p.mx0, p.my0) for p in job.pieces] if job.with_mask else None
+        try:
+            source = raster.open_image(job.image_path)
+        except raster.ImageError as err:
+            raise UserError(f"{job.image_path}: could not be read again to draw the predictions ({err}; changed or "
+                            "removed while inference ran?); rerun, or use --no_draw") from None
+        try:
+            image, shown, crops, factor = drawing.fit(source, dets, crops, drawing.MAX_PIXELS)
+            if factor < 1:
+                log.info("inference: %s drawn at %dx%d (%.3g of %dx%d; instances.json is full size)", job.name,
+                         image.shape[1], image.shape[0], factor, job.width, job.height)
+            drawing.write_image(job.drawn_path, drawing.draw(image, shown, class_names, crops=crops))
+        finally:
+            source.close()
     return job.index, job.name, job.width, job.height, dets
 
 

@@ -211,13 +211,15 @@ def run(opts):
 
     import torch
 
-    from .. import drawing, predictor, tiling
+    from .. import predictor
 
     threshold = d.threshold
     floor = min(threshold) if isinstance(threshold, list) else threshold  # the model drops what is below all
     # Started before the model is loaded: the workers are forked from a process that does not hold it yet.
-    post = postprocess.Inline(labels) if d.tiling or not opts.num_workers else \
-        postprocess.Workers(opts.num_workers, labels)
+    # Tiled: one worker, two images in flight. A worker holds the image it draws (a 16000x16000 JPEG decoded is
+    # 768 MB), and one image's drawing takes seconds against the minutes of its tiles in the model.
+    post = postprocess.Inline(labels) if not opts.num_workers else \
+        postprocess.Workers(1, labels, ahead=2) if d.tiling else postprocess.Workers(opts.num_workers, labels)
     model = predictor.load_model(cfg, weights, device, floor, where=opts.model_weights)
     with_mask = d.task == "segm"
     in_box = with_mask and predictor.masks_pasted_in_boxes(model)
@@ -273,19 +275,14 @@ def run(opts):
                 height, width = item.original.height, item.original.width
                 merged = predictor.predict_tiled(model, transform, item.original, tiled, opts.batch_size,
                                                  threshold, with_mask, predictor.input_size(cfg))
-                dets = [tiling.detection(p, height, width) for p in merged]
-                crops = [(p.mask, p.mx0, p.my0) for p in merged] if with_mask else None
+                item.original.close()
                 ref = found.images[item.index]
-                in_order.add(item.index, item.index + 1, ref.name, int(width), int(height), dets)
                 if not opts.no_draw:
                     drawn.append(os.path.join(output, ref.name))
-                    image, shown, crops, factor = drawing.fit(item.original, dets, crops, drawing.MAX_PIXELS)
-                    if factor < 1:
-                        log.info("inference: %s drawn at %dx%d (%.3g of %dx%d; instances.json is full size)",
-                                 ref.name, image.shape[1], image.shape[0], factor, width, height)
-                    drawing.write_image(drawn[-1], drawing.draw(image, shown, labels, crops=crops))
-                    del image
-                item.original.close()
+                job = postprocess.TiledJob(item.index, ref.name, int(width), int(height), merged, with_mask,
+                                           ref.path, None if opts.no_draw else drawn[-1])
+                for index, *record in post.submit(job):
+                    in_order.add(index, index + 1, *record)
                 done += 1
                 if done % 10 == 0:
                     log.info("inference: %d/%d images", done, len(found.images))

@@ -58,6 +58,10 @@ def test_tiled_predictions_are_whole_image_records_and_do_not_depend_on_the_batc
     assert (tmp_path / "b1" / "plot.jpg").is_file()
     with Image.open(tmp_path / "b1" / "plot.jpg") as drawn:
         assert drawn.size == (1024, 768)
+    # Encoded and drawn in the main process (--num_workers 0) or in a worker: the same bytes.
+    tiled(small_data, trained_segm, mosaic, tmp_path / "inline", "--batch_size", "1", "--num_workers", "0")
+    for name in ("instances.json", "plot.jpg"):
+        assert (tmp_path / "inline" / name).read_bytes() == (tmp_path / "b1" / name).read_bytes(), name
 
 
 def test_a_bad_tile_is_one_line_and_nothing_is_written(small_data, trained_segm, mosaic, tmp_path):

@@ -236,3 +236,84 @@ def test_trusting_the_box_is_what_keeps_a_leaking_mask_cut():
     trusted = predictions.mask_crops(pred["masks"], keep, boxes, H, W, in_box=True)
     whole = [i for i, (crop, _, _) in enumerate(proved) if crop.shape == (H, W)]
     assert whole and all(trusted[i][0].shape != (H, W) for i in whole)
+
+
+def _tiled_pieces(seed, height, width, n=25):
+    from cvtk_job.tiling import Piece
+
+    rng = np.random.default_rng(seed)
+    pieces = []
+    for i in range(n):
+        w, h = int(rng.integers(3, 60)), int(rng.integers(3, 40))
+        x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        if i == 1:  # a crop resized from the whole-image view may reach a pixel past the image
+            x0, y0 = width - w + 1, height - h + 1
+        mask = rng.random((h, w)) < 0.7
+        box = np.array([x0 + 0.3, y0 + 0.6, x0 + w - 0.2, y0 + h - 0.4])
+        pieces.append(Piece(int(i % len(NAMES)), float(rng.uniform(0.1, 1)), box, (0, 0, width, height), mask,
+                            x0, y0))
+    return pieces
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_tiled_images_are_encoded_and_drawn_in_a_worker_as_in_the_main_process(tmp_path, monkeypatch, suffix):
+    """inference --tile: a worker gives the records and drawn image the main process gives (in submission order),
+    and the records are the pieces' masks, pasted into the whole image (decoded with pycocotools, built with
+    numpy). Drawn scaled down (MAX_PIXELS made small: the path a 16000x16000 mosaic takes), and the worker reads
+    the image again itself (band by band for a TIFF)."""
+    import cv2
+    import tifffile
+    from pycocotools import mask as mask_utils
+
+    from cvtk_job import drawing
+
+    monkeypatch.setattr(drawing, "MAX_PIXELS", 160 * 100)  # before the workers fork: they inherit it
+    height, width = 230, 310
+    jobs = []
+    for i in range(4):
+        image = np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        path = tmp_path / f"{i}{suffix}"
+        if suffix == ".tif":
+            tifffile.imwrite(path, image[..., ::-1], tile=(64, 64), compression="zlib")
+        else:
+            cv2.imwrite(str(path), image)
+        jobs.append((i, path, _tiled_pieces(i, height, width)))
+
+    def run(post, folder):
+        folder.mkdir()
+        out = []
+        with post:
+            for i, path, pieces in jobs:
+                job = postprocess.TiledJob(i, path.name, width, height, pieces, True, str(path),
+                                           str(folder / f"{i}.jpg"))
+                out += list(post.submit(job))
+            out += list(post.drain())
+        return out, {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    inline = run(postprocess.Inline(NAMES), tmp_path / "inline")
+    workers = run(postprocess.Workers(1, NAMES, ahead=2), tmp_path / "workers")
+    assert [r[0] for r in workers[0]] == [0, 1, 2, 3]
+    assert json.dumps(workers[0]) == json.dumps(inline[0])
+    assert workers[1] == inline[1] and len(inline[1]) == 4
+    drawn = cv2.imdecode(np.frombuffer(inline[1]["0.jpg"], np.uint8), cv2.IMREAD_COLOR)
+    assert drawn.shape[0] * drawn.shape[1] <= 160 * 100 and drawn.shape[1] > 100  # scaled down, not blank
+    for (_, _, pieces), (_, _, w, h, dets) in zip(jobs, inline[0], strict=True):
+        assert (w, h) == (width, height) and len(dets) == len(pieces)
+        for piece, det in zip(pieces, dets, strict=True):
+            expected = np.zeros((height + 100, width + 100), bool)  # room for a crop that reaches past the edge
+            ys, xs = np.nonzero(piece.mask)
+            expected[ys + piece.my0 + 50, xs + piece.mx0 + 50] = True
+            expected = expected[50:50 + height, 50:50 + width]
+            rle = {"size": det["segmentation"]["size"], "counts": det["segmentation"]["counts"].encode()}
+            assert np.array_equal(mask_utils.decode(rle).astype(bool), expected)
+            assert det["area"] == np.count_nonzero(expected) and det["label"] == piece.label
+
+
+def test_a_tiled_image_gone_before_drawing_is_one_clear_error(tmp_path):
+    from cvtk_job.errors import UserError
+
+    job = postprocess.TiledJob(0, "gone.tif", 100, 80, _tiled_pieces(0, 80, 100, n=3), True,
+                               str(tmp_path / "gone.tif"), str(tmp_path / "out.jpg"))
+    with postprocess.Workers(1, NAMES) as post, pytest.raises(UserError, match="gone.tif: could not be read again"):
+        list(post.submit(job))
+        list(post.drain())
