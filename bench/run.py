@@ -849,9 +849,16 @@ def machine():
 
 
 def write_table(path, how):
+    """This run's table at the top of `path`; what followed the previous table (the dated sections and notes
+    written by hand after `--only` runs) is kept below it."""
     lines = ["# Benchmarks", "", f"Measured by `{how}` on {time.strftime('%Y-%m-%d')}: {machine()}.", "",
              "| benchmark | ours | baseline | ratio | target | result | notes |", "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in ROWS]
+    old = path.read_text().splitlines() if path.exists() else []
+    end = next((i for i, line in enumerate(old) if line.startswith("|")), len(old))
+    while end < len(old) and old[end].startswith("|"):
+        end += 1
+    lines += old[end:]
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
