@@ -614,6 +614,37 @@ def bench_tiling():
     tiling.bench(WORK / "tiling", report, skipped, measure)
 
 
+def _main_vs_workers(folder, jobs, workers):
+    """The main process's CPU and wall time per job when `jobs(out)` (a generator: the main process's share of
+    making each Job is inside the timing) goes through postprocess.Inline vs `workers()` (started outside the
+    timing, as inference starts them before the model): medians of 3 alternated runs, in ms, as
+    ({"main", "workers"} CPU, the same for wall). Exits when the two ways' output files differ."""
+    from cvtk_job import postprocess
+
+    def once(post, out):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        count = 0
+        wall, cpu = time.perf_counter(), time.process_time()
+        with post:
+            for job in jobs(out):
+                list(post.submit(job))
+                count += 1
+            list(post.drain())
+            cpu = time.process_time() - cpu
+        return cpu / count, (time.perf_counter() - wall) / count
+
+    runs = {"main": [], "workers": []}
+    for _ in range(3):
+        runs["main"].append(once(postprocess.Inline(["a", "b"]), folder / "main"))
+        runs["workers"].append(once(workers(), folder / "workers"))
+    for a, b in zip(sorted((folder / "main").iterdir()), sorted((folder / "workers").iterdir()), strict=True):
+        if a.read_bytes() != b.read_bytes():
+            sys.exit(f"{folder.name}: {a.name} differs between the main process and the workers")
+    return ({k: statistics.median(c for c, _ in v) * 1000 for k, v in runs.items()},
+            {k: statistics.median(w for _, w in v) * 1000 for k, v in runs.items()})
+
+
 def bench_postprocess():
     """Host-side cost per image of inference's post-processing (masks to RLE, drawing, PNG encoding) with 100
     masks per 1333x800 image, in the main process (`--num_workers 0`) vs handed to 4 worker processes: the main
@@ -643,29 +674,12 @@ def bench_postprocess():
         preds.append({"bboxes": torch.from_numpy(boxes), "scores": torch.from_numpy(rng.uniform(0.5, 1, n)),
                       "labels": torch.from_numpy(rng.integers(0, 2, n)), "masks": torch.from_numpy(masks)})
 
-    def once(post, out):
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        wall, cpu = time.perf_counter(), time.process_time()
-        with post:
-            for i, pred in enumerate(preds):
-                job = postprocess.make_job(i, f"{i}.png", pred, height, width, True, 0.3,
-                                           str(folder / "in" / f"{i}.jpg"), str(out / f"{i}.png"), in_box=True)
-                list(post.submit(job))
-            list(post.drain())
-            cpu = time.process_time() - cpu
-        return cpu / count, (time.perf_counter() - wall) / count
+    def jobs(out):
+        for i, pred in enumerate(preds):
+            yield postprocess.make_job(i, f"{i}.png", pred, height, width, True, 0.3, str(folder / "in" / f"{i}.jpg"),
+                                       str(out / f"{i}.png"), in_box=True)
 
-    runs = {"main": [], "workers": []}
-    for _ in range(3):
-        runs["main"].append(once(postprocess.Inline(["a", "b"]), folder / "main"))
-        workers = postprocess.Workers(4, ["a", "b"])  # started outside the timing, as inference starts them early
-        runs["workers"].append(once(workers, folder / "workers"))
-    for a, b in zip(sorted((folder / "main").iterdir()), sorted((folder / "workers").iterdir()), strict=True):
-        if a.read_bytes() != b.read_bytes():
-            sys.exit(f"postprocess: {a.name} differs between the main process and the workers")
-    cpu = {k: statistics.median(c for c, _ in v) * 1000 for k, v in runs.items()}
-    wall = {k: statistics.median(w for _, w in v) * 1000 for k, v in runs.items()}
+    cpu, wall = _main_vs_workers(folder, jobs, lambda: postprocess.Workers(4, ["a", "b"]))
     ratio = cpu["workers"] / cpu["main"]
     report("inference post-processing: main-process CPU per image, workers vs in the main process", cpu["workers"],
            cpu["main"], "ms", ratio, "<= 0.1 (near zero)", ratio <= 0.1,
@@ -704,33 +718,17 @@ def bench_tiled_postprocess():
                                 (0, 0, width, height), mask, x0, y0))
         jobs.append((path, pieces))
 
-    def once(post, out):
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        wall, cpu = time.perf_counter(), time.process_time()
-        with post:
-            for i, (path, pieces) in enumerate(jobs):
-                job = postprocess.TiledJob(i, path.name, width, height, pieces, True, str(path), str(out / f"{i}.jpg"))
-                list(post.submit(job))
-            list(post.drain())
-            cpu = time.process_time() - cpu
-        return cpu / count, (time.perf_counter() - wall) / count
+    def make_jobs(out):
+        for i, (path, pieces) in enumerate(jobs):
+            yield postprocess.TiledJob(i, path.name, width, height, pieces, True, str(path), str(out / f"{i}.jpg"))
 
-    runs = {"main": [], "worker": []}
-    for _ in range(3):
-        runs["main"].append(once(postprocess.Inline(["a", "b"]), folder / "main"))
-        worker = postprocess.Workers(1, ["a", "b"], ahead=2)  # as inference --tile starts it, before the model
-        runs["worker"].append(once(worker, folder / "worker"))
-    for a, b in zip(sorted((folder / "main").iterdir()), sorted((folder / "worker").iterdir()), strict=True):
-        if a.read_bytes() != b.read_bytes():
-            sys.exit(f"tiled_postprocess: {a.name} differs between the main process and the worker")
-    cpu = {k: statistics.median(c for c, _ in v) * 1000 for k, v in runs.items()}
-    wall = {k: statistics.median(w for _, w in v) * 1000 for k, v in runs.items()}
-    ratio = cpu["worker"] / cpu["main"]
+    # one worker, two images in flight: as inference --tile starts it
+    cpu, wall = _main_vs_workers(folder, make_jobs, lambda: postprocess.Workers(1, ["a", "b"], ahead=2))
+    ratio = cpu["workers"] / cpu["main"]
     report("inference --tile post-processing: main-process CPU per image, worker vs in the main process",
-           cpu["worker"], cpu["main"], "ms", ratio, "<= 0.1 (near zero)", ratio <= 0.1,
+           cpu["workers"], cpu["main"], "ms", ratio, "<= 0.1 (near zero)", ratio <= 0.1,
            f"8000x6000 tiled TIFF, 2,000 detections, drawn scaled to 36 MP, 4 images, median of 3 alternated runs; "
-           f"wall per image {wall['worker']:.0f} vs {wall['main']:.0f} ms on {os.cpu_count()} cores; outputs "
+           f"wall per image {wall['workers']:.0f} vs {wall['main']:.0f} ms on {os.cpu_count()} cores; outputs "
            "byte-identical")
     shutil.rmtree(folder, ignore_errors=True)
 
