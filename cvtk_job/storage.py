@@ -103,23 +103,45 @@ _client_lock = threading.Lock()
 _client = None  # (boto3 client, its session's credentials, the transfer engine made from them, or None)
 
 
+@contextlib.contextmanager
+def _long_lived():
+    """For what lives as long as the process: boto3's modules and the client's service models, ~95,000 objects.
+    Made with the cyclic collector paused, then frozen out of it (gc.freeze), so that neither the collections
+    while they are made nor any later one (nor the one at exit) scans them again. Measured on a process that
+    stages 1,000 small images (the S3 staging benchmark), two sets of 8 alternated runs: 0.87 -> 0.76 s and
+    1.07 -> 0.91 s; the exit alone 100 -> 25 ms. When the caller has paused the collector itself (train's
+    start-up), it is left to the caller."""
+    import gc
+
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _clients():
     global _client
     with _client_lock:
         if _client is None:
-            import boto3
-            import botocore.session
-            from botocore.config import Config
+            with _long_lived():
+                import boto3
+                import botocore.session
+                from botocore.config import Config
 
-            core = botocore.session.get_session()
-            # Timestamps stay text: nothing here reads them, and parsing LastModified with dateutil is a third of
-            # the client time of listing 10,000 objects.
-            core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
-            session = boto3.session.Session(botocore_session=core)
-            boto = session.client("s3", config=Config(
-                retries={"total_max_attempts": BOTO_ATTEMPTS, "mode": "standard"},
-                connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S))
-            _client = [boto, session.get_credentials(), None]
+                core = botocore.session.get_session()
+                # Timestamps stay text: nothing here reads them, and parsing LastModified with dateutil is a third
+                # of the client time of listing 10,000 objects.
+                core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+                session = boto3.session.Session(botocore_session=core)
+                boto = session.client("s3", config=Config(
+                    retries={"total_max_attempts": BOTO_ATTEMPTS, "mode": "standard"},
+                    connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S))
+                _client = [boto, session.get_credentials(), None]
         return _client
 
 

@@ -67,3 +67,33 @@ def test_fixed_keys_are_handed_to_the_crt_once_and_expiring_ones_are_asked_each_
     first, second = _crt_keys(provider), _crt_keys(provider)
     assert first[0] != second[0] and first[0].startswith("ASIA") and len(issued) >= 3
     assert transfer._crt_credentials(None) is None
+
+
+def test_the_client_is_made_with_the_collector_paused_and_frozen_out_of_it_unless_the_caller_paused_it():
+    """storage._long_lived: botocore's modules and models (~100,000 objects that live as long as the process)
+    are frozen out of the cyclic collector, which is on again afterwards; a caller that has paused the collector
+    itself (train, inference) keeps it paused and decides. In a subprocess: gc state is process-wide."""
+    import subprocess
+    import sys
+
+    script = """
+import gc, os, sys
+os.environ.update(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_EC2_METADATA_DISABLED="true")
+if sys.argv[1] == "paused":
+    gc.disable()
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(info["generation"]))
+from cvtk_job import storage
+collections.clear()
+storage.client()
+print(gc.get_freeze_count(), gc.isenabled(), len(collections), "botocore" in sys.modules)
+"""
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        frozen, enabled, collections, loaded = out.stdout.split()
+        return int(frozen), enabled == "True", int(collections), loaded == "True"
+
+    frozen, enabled, collections, loaded = run("enabled")
+    assert loaded and enabled and frozen > 50_000 and collections == 0
+    assert run("paused") == (0, False, 0, True)
