@@ -66,11 +66,17 @@ _class_names = None  # set once per worker by `_init`
 
 
 def _init(class_names):
+    import gc
+
     from . import signals
 
     global _class_names
     _class_names = class_names
     signals.detach_loader_worker()  # the main process decides when to stop (a group signal is for it)
+    # Forked during the main process's start-up, with the collector paused: what it inherited stays frozen (a
+    # collection would write to every inherited object's header, copying its pages), what it makes is collected.
+    gc.freeze()
+    gc.enable()
 
 
 def finish(job, class_names=None):

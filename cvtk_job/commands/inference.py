@@ -12,6 +12,7 @@ keeps predictions independent of `--batch_size` and wastes no compute on padding
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -188,6 +189,11 @@ def _dry_run(opts, d, found):
 
 
 def run(opts):
+    # Until the loop: start-up (torch's and mmdet's modules, the model, the image list) makes objects that live as
+    # long as the process, and the cyclic collector would scan them at every generation they pass through; they
+    # are then frozen out of it (as train does: mmhooks.StartupGC). 40 sample images on CPU, whole command,
+    # median of 3 alternated runs: 12.65 -> 11.50 s, outputs byte-identical.
+    gc.disable()
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=launch.default_workers())
     _check(opts)
@@ -253,6 +259,8 @@ def run(opts):
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=opts.num_workers,
                                              shuffle=False, worker_init_fn=signals.detach_loader_worker)
         batches = predictor.same_size_batches(loader, opts.batch_size, max_pending=4 * opts.batch_size)
+    gc.freeze()
+    gc.enable()
     with writer, post, torch.no_grad():
         for batch in batches:
             if signals.requested():

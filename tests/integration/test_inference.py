@@ -300,3 +300,45 @@ def test_post_processing_in_workers_is_byte_identical_to_the_main_process_and_in
     instances = json.loads(outputs["4"]["instances.json"])
     assert [image["file_name"] for image in instances["images"]] == listed
     assert len(instances["annotations"]) >= 40 and all("counts" in a["segmentation"] for a in instances["annotations"])
+
+
+def test_start_up_runs_without_the_cyclic_collector_and_the_loop_and_workers_with_it(small_data, trained_segm,
+                                                                                       tmp_path):
+    """Start-up's long-lived objects are frozen out of the collector; the prediction loop and the post-processing
+    workers (forked during start-up, collector paused) must collect again, or a long run keeps every cycle it
+    makes. Recorded from inside the real command (predictor.predict and postprocess.finish wrapped)."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "gc.log"
+    script = f"""
+import gc, os, sys
+from cvtk_job import cli, postprocess, predictor
+
+def record(where):
+    with open({str(log)!r}, "a") as fh:
+        fh.write(f"{{where}} {{os.getpid()}} {{gc.isenabled()}} {{gc.get_freeze_count() > 0}}\\n")
+
+predict, finish = predictor.predict, postprocess.finish
+
+def recorded_predict(*a, **k):
+    record("loop")
+    return predict(*a, **k)
+
+def recorded_finish(*a, **k):  # sent to the workers by name (pickled), found in the forked __main__
+    record("worker")
+    return finish(*a, **k)
+
+predictor.predict, postprocess.finish = recorded_predict, recorded_finish
+sys.exit(cli.main(sys.argv[1:]))
+"""
+    data = small_data / "test" / "images"
+    result = subprocess.run([sys.executable, "-c", script, "inference", "--label", small_data / "label.txt",
+                             "--data", data, "--model_weights", trained_segm, "--output", tmp_path / "out", *LOW,
+                             "--batch_size", "2"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in log.read_text().splitlines()]
+    loop = [r for r in rows if r[0] == "loop"]
+    workers = [r for r in rows if r[0] == "worker"]
+    assert loop and workers and {r[1] for r in workers}.isdisjoint({r[1] for r in loop})
+    assert all(r[2:] == ["True", "True"] for r in rows), rows
