@@ -37,6 +37,18 @@ def fake_pred(seed, n=40):
             "labels": torch.tensor(rng.integers(0, len(NAMES), n)), "masks": torch.from_numpy(masks)}
 
 
+def run_jobs(post, folder, jobs):
+    """Every job through `post` (Inline or Workers) as inference feeds it: the results in the order they come
+    back, and the files drawn into `folder` (made here: the jobs draw into it), name -> bytes."""
+    folder.mkdir()
+    out = []
+    with post:
+        for job in jobs:
+            out += list(post.submit(job))
+        out += list(post.drain())
+    return out, {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
 def reference(pred, threshold, image):
     """The path before workers: whole masks on the host, encoded and drawn from there."""
     keep = predictions.passing(pred, threshold)
@@ -113,15 +125,9 @@ def test_workers_return_what_inline_does_in_submission_order(tmp_path):
         jobs.append((i, pred))
 
     def run(post, folder):
-        folder.mkdir()
-        out = []
-        with post:
-            for i, pred in jobs:
-                job = postprocess.make_job(i, f"{i}.png", pred, H, W, True, 0.1, str(tmp_path / f"{i}.png"),
-                                           str(folder / f"{i}.png"))
-                out += list(post.submit(job))
-            out += list(post.drain())
-        return out, {p.name: p.read_bytes() for p in folder.iterdir()}
+        return run_jobs(post, folder, (postprocess.make_job(i, f"{i}.png", pred, H, W, True, 0.1,
+                                                            str(tmp_path / f"{i}.png"), str(folder / f"{i}.png"))
+                                       for i, pred in jobs))
 
     inline = run(postprocess.Inline(NAMES), tmp_path / "inline")
     workers = run(postprocess.Workers(3, NAMES, ahead=2), tmp_path / "workers")
@@ -280,15 +286,8 @@ def test_tiled_images_are_encoded_and_drawn_in_a_worker_as_in_the_main_process(t
         jobs.append((i, path, _tiled_pieces(i, height, width)))
 
     def run(post, folder):
-        folder.mkdir()
-        out = []
-        with post:
-            for i, path, pieces in jobs:
-                job = postprocess.TiledJob(i, path.name, width, height, pieces, True, str(path),
-                                           str(folder / f"{i}.jpg"))
-                out += list(post.submit(job))
-            out += list(post.drain())
-        return out, {p.name: p.read_bytes() for p in folder.iterdir()}
+        return run_jobs(post, folder, (postprocess.TiledJob(i, path.name, width, height, pieces, True, str(path),
+                                                            str(folder / f"{i}.jpg")) for i, path, pieces in jobs))
 
     inline = run(postprocess.Inline(NAMES), tmp_path / "inline")
     workers = run(postprocess.Workers(1, NAMES, ahead=2), tmp_path / "workers")
