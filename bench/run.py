@@ -239,21 +239,23 @@ def bench_s3_staging():
             if s5cmd:
                 tools["s5cmd"] = ([s5cmd, "--endpoint-url", endpoint, "cp", f"{uri}*", f"{WORK / 'stage_s5cmd'}/"],
                                   WORK / "stage_s5cmd", WORK / "stage_s5cmd", {})
+            def once(name, tools=tools, n=n, size=size):
+                cmd, dest, result, extra = tools[name]
+                seconds = run(cmd, dest, **extra)
+                check(result, n, size, name)
+                return seconds
+
             times = {name: [] for name in tools}
             names = list(tools)
             # One untimed run of each tool first: the first reads after the set was uploaded are slow for whoever
             # makes them (1 GiB: 2.5-4.3 s against 1.5-2.3 s later, aws as much as ours), and round 0 starts with ours.
             for name in names:
-                cmd, dest, result, extra = tools[name]
-                run(cmd, dest, **extra)
-                check(result, n, size, name)
+                once(name)
             for r in range(S3_RUNS):  # alternating, so a slow spell of the machine hits every tool
                 # ... and in a rotating order: the first reader of a round finds the server's page cache cold
                 # (1 GiB: 5.0 s cold, 2.1 s warm for the same tool), which always fell on the same tool.
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    cmd, dest, result, extra = tools[name]
-                    times[name].append(run(cmd, dest, **extra))
-                    check(result, n, size, name)
+                    times[name].append(once(name))
             med = {name: statistics.median(ts) for name, ts in times.items()}
             runs = "; ".join(f"{name} {', '.join(f'{t:.2f}' for t in ts)} s" for name, ts in times.items())
             mib = size / 2**20
