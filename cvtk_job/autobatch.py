@@ -102,6 +102,9 @@ class _Stepper:
                 torch.cuda.synchronize()
             return True
         except torch.OutOfMemoryError:
+            from .mmhooks import forget_unfinished_step
+
+            forget_unfinished_step(self.optim)  # else the next probe's step may fail on GradScaler's stale record
             return False
         finally:
             self.optim.zero_grad()

@@ -456,6 +456,20 @@ OOM_TEST_HOOK = "CVTK_JOB_TEST_OOM_AT_ITER"
 MAX_SPLITS = 3  # halvings: at most 8 parts, then the error stands (a single image that does not fit)
 
 
+def forget_unfinished_step(optim_wrapper):
+    """After a step that failed part-way, let the optimizer wrapper's GradScaler (AMP) start the step afresh.
+
+    GradScaler records per optimizer that this step's gradients were unscaled (and whether they held an inf)
+    before it calls the optimizer's step, and only `update()` clears that record. An out-of-memory error raised
+    inside the optimizer's step (its first step allocates the momentum buffers) leaves the record behind: the
+    step run again would skip unscaling its new gradients and move the weights by the loss scale (65536), or,
+    with gradient clipping, fail on "unscale_() has already been called". The scale itself is kept.
+    """
+    states = getattr(getattr(optim_wrapper, "loss_scaler", None), "_per_optimizer_states", None)
+    if states is not None:
+        states.clear()  # a defaultdict: each optimizer's next lookup is a fresh READY record
+
+
 @LOOPS.register_module()
 class CvtkTrainLoop(EpochBasedTrainLoop):
     """EpochBasedTrainLoop whose step survives a CUDA out-of-memory error.
@@ -501,6 +515,7 @@ class CvtkTrainLoop(EpochBasedTrainLoop):
                 images = len(data_batch["inputs"])
                 if len(backoffs) >= MAX_SPLITS or self.parts >= images:
                     raise
+                forget_unfinished_step(self.runner.optim_wrapper)
                 self.runner.optim_wrapper.zero_grad()
                 del err  # its traceback holds the step's tensors
                 if torch.cuda.is_available():
