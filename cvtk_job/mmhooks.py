@@ -433,7 +433,8 @@ class CvtkProfile(Hook):
         from . import profiling
 
         try:
-            summary = profiling.summarize(self._profiler.events(), self.steps, wall)
+            summary = profiling.summarize(self._profiler.events(), self.steps, wall,
+                                          profiling.recorded_dtypes(self._profiler))
             path = os.path.join(self.folder, "profile.json")
             artifacts.write_json(path, summary, indent=1)
             self._profiler.export_chrome_trace(os.path.join(self.folder, "profile.trace.json"))
