@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, which CI and the development machine lack: doctor (mmcv's ops on the
-# GPU), the GPU tests (tests/integration/test_gpu.py) and the GPU benchmark (docs/benchmarks-gpu.md).
+# GPU), the GPU benchmark (its table: RESULTS_DIR/benchmarks-gpu.md, to be copied into docs/) and the GPU
+# tests (tests/integration/test_gpu.py).
 #
 #   tools/gpu_check.sh [RESULTS_DIR]      # on a GPU machine where `make setup` (or the image) ran
 #
@@ -17,13 +18,33 @@ step() {  # step NAME COMMAND...: run it, keep its output, remember a failure an
   local name=$1; shift
   echo "== $name: $*"
   "$@" 2>&1 | tee "$RESULTS/$name.txt"
-  local rc=${PIPESTATUS[0]}
+  rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc"
   [ "$rc" -eq 0 ] || status=1
 }
 step gpus nvidia-smi
+# The stack this machine brings, against the one the carried wheels were built for (tools/device_wheels.sh
+# writes device.json beside them): a mismatch stops here, in one line, instead of failing every later step.
+step stack "$PY" - "${DEVICE_WHEELS_JSON:-.gpu/wheels/device.json}" <<'EOF'
+import json, os, sys
+import numpy, torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), numpy {numpy.__version__}")
+if os.path.exists(sys.argv[1]):
+    with open(sys.argv[1]) as fh:
+        built = json.load(fh)
+    here = (torch.__version__.split("+")[0], "cu" + (torch.version.cuda or "").replace(".", "")[:3])
+    if here != (built["torch"], built["cuda"]):
+        sys.exit(f"the wheels were built for torch {built['torch']} {built['cuda']}, this machine has {here[0]} "
+                 f"{here[1]}: run tools/device_wheels.sh {sys.version_info[0]}.{sys.version_info[1]} {here[0]} "
+                 "on the development machine and carry the new folder")
+    print("the carried wheels match this stack")
+EOF
+[ "$rc" -eq 0 ] || exit 1  # (a failed nvidia-smi alone goes on: doctor says what torch sees)
 step doctor "$PY" entrypoint.py doctor
+# The benchmark before the tests: it is what the open issue waits for, and the device's per-command limit
+# (10 min) may cut the last step short. Its table is rewritten in RESULTS after every row for that reason.
+cp docs/benchmarks-gpu.md "$RESULTS/benchmarks-gpu.md"
+step bench env BENCH_DIR="${BENCH_DIR:-/tmp/cvtk-job-bench}" BENCH_GPU_TABLE="$RESULTS/benchmarks-gpu.md" \
+  "$PY" bench/run.py --gpu
 step tests "$PY" -m pytest -p no:cacheprovider tests/integration/test_gpu.py -v
-step bench env BENCH_DIR="${BENCH_DIR:-/tmp/cvtk-job-bench}" "$PY" bench/run.py --gpu
-cp docs/benchmarks-gpu.md "$RESULTS/" 2>/dev/null
 exit $status
