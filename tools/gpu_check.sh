@@ -26,8 +26,13 @@ step gpus nvidia-smi
 # The stack this machine brings, against the one the carried wheels were built for (tools/device_wheels.sh
 # writes device.json beside them): a mismatch stops here, in one line, instead of failing every later step.
 step stack "$PY" - "${DEVICE_WHEELS_JSON:-.gpu/wheels/device.json}" <<'EOF'
-import json, os, sys
+import importlib.util, json, os, sys
 import numpy, torch
+missing = [m for m in ("scipy", "cv2", "PIL", "matplotlib", "yaml", "packaging")  # the image's, not carried
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"this machine's Python lacks {', '.join(missing)}: tools/device_wheels.sh expects the image to have "
+             "them; add their wheels to its list (the carry holds 64 MiB) and carry again")
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), numpy {numpy.__version__}")
 if os.path.exists(sys.argv[1]):
     with open(sys.argv[1]) as fh:

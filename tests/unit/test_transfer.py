@@ -86,8 +86,9 @@ collections = []
 gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(info["generation"]))
 from cvtk_job import storage
 collections.clear()
+before = gc.get_freeze_count()  # not always 0: a start-up hook may freeze (pyenv's Python 3.12 starts with 375)
 storage.client()
-print(gc.get_freeze_count(), gc.isenabled(), len(collections), "botocore" in sys.modules)
+print(gc.get_freeze_count() - before, gc.isenabled(), len(collections), "botocore" in sys.modules)
 """
     def run(mode):
         out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
