@@ -1,12 +1,13 @@
 """`train --batch_size auto`: the largest batch per process that fits the GPU, measured rather than guessed.
 
 Rank 0 builds the model and the real optimizer wrapper (the run's precision), and runs real training steps on
-copies of the densest training image (the most objects: mmdet's assignment and mask targets grow with them) at
-the training input size, reading the peak of CUDA memory after each: at 1 and 2 images the two peaks fix a line
-(fixed + per image), the line gives the largest batch under SHARE of the memory free at the start, and steps
-at that batch check it (refitting the slope where memory grows faster than the line). The choice is broadcast,
-so every rank of a torchrun/srun job trains with it; the learning rate follows from the global batch as for a
-given batch.
+copies of the densest training image (the most objects: mmdet's assignment and mask targets grow with them),
+padded to the largest batch tensor the training images can make (a batch is padded to its tallest and its
+widest image: a portrait and a landscape photo together make a square), reading the peak of CUDA memory after
+each: at 1 and 2 images the two peaks fix a line (fixed + per image), the line gives the largest batch under
+SHARE of the memory free at the start, and steps at that batch check it (refitting the slope where memory grows
+faster than the line). The choice is broadcast, so every rank of a torchrun/srun job trains with it; the
+learning rate follows from the global batch as for a given batch.
 Ultralytics' AutoBatch fits a curve the same way but works on one GPU only.
 
 A resumed run keeps the batch of the checkpoint it resumes (its schedule was laid out for that batch).
@@ -79,10 +80,13 @@ class _Stepper:
         self.device = device
         cfg = copy.deepcopy(cfg)
         dataset = DATASETS.build(cfg.train_dataloader.dataset)
-        counts = [len(dataset.get_data_info(i)["instances"]) for i in range(len(dataset))]
+        infos = [dataset.get_data_info(i) for i in range(len(dataset))]
+        counts = [len(info["instances"]) for info in infos]
         self.index = max(range(len(counts)), key=counts.__getitem__)
         self.objects = counts[self.index]
         self.sample = dataset[self.index]
+        self.input_size = _largest_input(dataset, infos, self.sample)
+        self.sample = _padded(self.sample, self.input_size)
         from . import assigner, masktargets, mmconfig  # noqa: F401 (assigner: registers CvtkMaxIoUAssigner)
 
         mmconfig.use_sync_free_assigners(cfg.model)  # the model the run trains (mmhooks.CvtkRunner.build_model)
@@ -112,6 +116,34 @@ class _Stepper:
                 torch.cuda.empty_cache()
 
 
+def _largest_input(dataset, infos, sample):
+    """(height, width) of the largest batch tensor training can give: a batch is padded to its tallest and its
+    widest image, so a portrait and a landscape photo in one batch make a square of their long sides. The
+    pipeline itself says what size each image becomes (resizing to a scale or by a factor, with or without its
+    aspect ratio): it runs on the images that reach the extremes (the tallest and the widest shape, the largest
+    height and width), read through the pipeline like any training image."""
+    def pick(key):
+        return max(range(len(infos)), key=lambda i: key(infos[i]))
+
+    extremes = {pick(lambda d: d["height"] / d["width"]), pick(lambda d: d["width"] / d["height"]),
+                pick(lambda d: d["height"]), pick(lambda d: d["width"])}
+    shapes = [tuple(sample["inputs"].shape[-2:])] + [tuple(dataset[i]["inputs"].shape[-2:]) for i in sorted(extremes)]
+    return max(h for h, _ in shapes), max(w for _, w in shapes)
+
+
+def _padded(sample, size):
+    """The sample with its image padded (bottom and right, as the data preprocessor pads a batch) to `size`:
+    the densest image in a batch with the largest one. Its masks are padded by the model's data preprocessor."""
+    import torch
+
+    image = sample["inputs"]
+    if tuple(image.shape[-2:]) == tuple(size):
+        return sample
+    padded = torch.zeros((*image.shape[:-2], *size), dtype=image.dtype)
+    padded[..., :image.shape[-2], :image.shape[-1]] = image
+    return {**sample, "inputs": padded}
+
+
 def measure(cfg, device, limit):
     """Rank 0's choice: (batch, details for the log and the weights' metadata)."""
     import torch
@@ -134,7 +166,7 @@ def measure(cfg, device, limit):
     details = {"batch_size": batch, "share": SHARE, "free_mib": round((modelled[1] if modelled else free) / 2**20),
                "peak_mib": {str(b): (round(v / 2**20) if v is not None else "out of memory")
                             for b, v in sorted(measured.items())},
-               "densest_image_objects": stepper.objects, "limit": limit}
+               "densest_image_objects": stepper.objects, "input_size": list(stepper.input_size), "limit": limit}
     stepper.model = stepper.optim = stepper.sample = None  # freed before the real run builds its own
     if device == "cuda":
         torch.cuda.empty_cache()

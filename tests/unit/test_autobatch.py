@@ -1,5 +1,7 @@
 """autobatch.choose: the batch picked from measured peaks, against memory models whose answer is known."""
 
+import collections
+
 import pytest
 
 from cvtk_job import autobatch
@@ -50,3 +52,46 @@ def test_when_one_image_does_not_fit_the_answer_is_one():
 
 def test_out_of_memory_at_two_means_one():
     assert autobatch.choose(lambda b: MIB if b == 1 else None, 1000 * MIB, 100)[0] == 1
+
+
+def test_the_probe_steps_the_densest_image_padded_to_the_largest_batch_mixed_orientations_make(tmp_path):
+    """The densest image is a portrait photo, another one is landscape: resized to fit 256x192 with their aspect
+    ratio kept they become 192x256 and 256x192 (W x H), and a batch holding both is padded to 256x256. The probe
+    must step that size (stepping the portrait's own 192x256 measured a quarter less memory than a real batch can
+    need), with the densest image's objects, and a real step must run on it."""
+    import json
+
+    from cvtk_job import mmconfig
+    from cvtk_job.options import TrainOptions
+    from tests import synthetic
+    from tests.conftest import TINY_MODELS
+
+    files = {(60, 80): synthetic.write(tmp_path, 1, (60, 80), 7, (3, 5), seed=1, name="portrait.json"),
+             (80, 60): synthetic.write(tmp_path, 2, (80, 60), 2, (3, 5), seed=2, name="landscape.json")}
+    merged = {"images": [], "annotations": [], "categories": json.loads(files[(60, 80)].read_text())["categories"]}
+    for coco in (json.loads(path.read_text()) for path in files.values()):
+        offset = len(merged["images"])
+        merged["images"] += [{**image, "id": image["id"] + offset} for image in coco["images"]]
+        merged["annotations"] += [{**a, "id": len(merged["annotations"]) + k + 1, "image_id": a["image_id"] + offset}
+                                  for k, a in enumerate(coco["annotations"])]
+    (tmp_path / "train.json").write_text(json.dumps(merged))
+    densest = max(collections.Counter(a["image_id"] for a in merged["annotations"]).values())
+
+    def fitted(width, height, long=256, short=192):  # keep-ratio resize into long x short, either orientation
+        factor = min(long / max(width, height), short / min(width, height))
+        return round(width * factor), round(height * factor)
+
+    sizes = [fitted(image["width"], image["height"]) for image in merged["images"]]
+    expected = (max(h for _, h in sizes), max(w for w, _ in sizes))
+    assert expected == (256, 256)
+
+    opts = TrainOptions(label="l.txt", train=str(tmp_path / "train.json"), output_weights=str(tmp_path / "x.pth"),
+                        pretrained="none", task="segm", num_workers=0, model=str(TINY_MODELS["segm"]),
+                        image_size=[256, 192])
+    ctx = mmconfig.RunContext(classes=synthetic.CLASSES, data=mmconfig.DataFiles(str(tmp_path / "train.json")),
+                              work_dir=str(tmp_path / "x"), output_prefix=str(tmp_path / "x"), num_train_images=3)
+    cfg = mmconfig.build_config(opts, mmconfig.resolve_model(opts.model, "segm"), ctx)
+    stepper = autobatch._Stepper(cfg, "cpu")
+    assert stepper.objects == densest == 7
+    assert tuple(stepper.sample["inputs"].shape[-2:]) == expected
+    assert stepper(2)
