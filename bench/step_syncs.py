@@ -3,8 +3,8 @@
 On CUDA a host read is a synchronisation: the host stops queueing work until the GPU has drained its queue, and
 the GPU then idles while Python launches the next kernels (issue 18: mixed precision gave only 1.14x over fp32).
 This counts them without a GPU: one real training step of the default Mask R-CNN (R101, 1333x800, random init)
-on copies of the sample's densest images, stock mmdet's model against the model cvtk-job trains (its sync-free
-assigner and mask targets, the assigner forced onto its GPU way), the same seed, the losses asserted equal.
+on the sample's densest images, stock mmdet's model against the model cvtk-job trains (its sync-free assigner,
+sampler and mask targets, forced onto their GPU ways), the same seed, the losses asserted equal.
 
 Counted: the operators whose result the host must read (`.item()`/`bool()`: aten::_local_scalar_dense) or whose
 output size depends on the data (nonzero, unique, masked_select, indexing by a boolean mask), seen by a
@@ -112,7 +112,7 @@ def count(device="cpu", batch=4):
 
     sys.path.insert(0, REPO)
     from cvtk_job import masktargets, mmconfig
-    from cvtk_job.assigner import CvtkMaxIoUAssigner
+    from cvtk_job.assigner import CvtkMaxIoUAssigner, CvtkRandomSampler
     from cvtk_job.options import TrainOptions
 
     init_default_scope("mmdet")
@@ -142,8 +142,9 @@ def count(device="cpu", batch=4):
         return built, build_optim_wrapper(built, copy.deepcopy(cfg.optim_wrapper))
 
     found, losses = {}, {}
-    vectorized = CvtkMaxIoUAssigner.__dict__["vectorized"]
-    CvtkMaxIoUAssigner.vectorized = staticmethod(lambda overlaps: True)  # the way it assigns on a GPU
+    vectorized = {cls: cls.__dict__["vectorized"] for cls in (CvtkMaxIoUAssigner, CvtkRandomSampler)}
+    for cls in vectorized:
+        cls.vectorized = staticmethod(lambda tensor: True)  # the way they run on a GPU
     try:
         for name, ours in (("mmdet", False), ("ours", True)):
             net, optim = model(ours)
@@ -151,7 +152,8 @@ def count(device="cpu", batch=4):
             with Counter() as found[name]:
                 losses[name] = net.train_step(pseudo_collate(data), optim_wrapper=optim)
     finally:
-        CvtkMaxIoUAssigner.vectorized = vectorized
+        for cls, original in vectorized.items():
+            cls.vectorized = original
     for key, value in losses["mmdet"].items():
         if not torch.allclose(value, losses["ours"][key], rtol=1e-4, atol=1e-6):
             raise SystemExit(f"step_syncs: the two steps differ ({key}: {float(value)} vs "

@@ -1,4 +1,4 @@
-"""mmdet's MaxIoUAssigner without a host-device synchronisation per object.
+"""mmdet's MaxIoUAssigner and RandomSampler without host-device synchronisations.
 
 Its low-quality matching (on in Mask R-CNN's and Faster R-CNN's RPN and R-CNN assigners) walks the ground-truth
 objects in a Python loop and tests each one's best IoU on the host (`if gt_max_overlaps[i] >= min_pos_iou`):
@@ -6,40 +6,96 @@ on a GPU every object of every image costs a synchronisation and a few tiny kern
 (RPN, then R-CNN). With 100 objects per image and 8 images a step that is ~1,600 waits in which the GPU runs
 dry (issue 18: mixed precision gave only 1.14x). `CvtkMaxIoUAssigner` gives exactly the same assignment
 with a few whole-tensor operations: the objects are visited in order and a later one overwrites an earlier one,
-so each prior ends with the *last* object that claims it, which is what `low_quality_matches` computes. On the
-CPU (no synchronisation to save; also mmdet's dense-image fallback, `gpu_assign_thr`) mmdet's loop runs.
+so each prior ends with the *last* object that claims it, which is what `low_quality_matches` computes. Its
+other steps (negatives, positives, labels) index by boolean masks, one more wait each (`torch.where` needs
+none). On the CPU (no synchronisation to save; also mmdet's dense-image fallback, `gpu_assign_thr`) mmdet's
+loop runs.
+
+`CvtkRandomSampler` reads the numbers of positives and negatives once where mmdet's sampler waits four times
+per image and stage (two `nonzero`, two `unique`), and samples exactly what it samples (the same random
+permutations, the same sorted indices): bench/step_syncs.py counts both.
 
 Used where the training model is built (`mmhooks.CvtkRunner.build_model`, `autobatch`, through
-`mmconfig.use_sync_free_assigners`); the written config keeps mmdet's name.
+`mmconfig.use_sync_free_assigners`); the written config keeps mmdet's names.
 """
 
 import torch
-from mmdet.models.task_modules.assigners import MaxIoUAssigner
+from mmdet.models.task_modules.assigners import AssignResult, MaxIoUAssigner
+from mmdet.models.task_modules.samplers import RandomSampler, SamplingResult
 from mmdet.registry import TASK_UTILS
+from mmdet.structures.bbox import BaseBoxes, cat_boxes
 
 
 @TASK_UTILS.register_module()
 class CvtkMaxIoUAssigner(MaxIoUAssigner):
     def assign_wrt_overlaps(self, overlaps, gt_labels):
-        if not self.match_low_quality or not self.vectorized(overlaps):
-            return super().assign_wrt_overlaps(overlaps, gt_labels)
-        # Steps 1-3 (negatives, positives) are mmdet's own; only the per-object loop of step 4 is replaced.
-        self.match_low_quality = False
-        try:
-            result = super().assign_wrt_overlaps(overlaps, gt_labels)
-        finally:
-            self.match_low_quality = True
-        if overlaps.shape[0] and overlaps.shape[1]:
-            result.gt_inds = low_quality_matches(overlaps, result.gt_inds, self.min_pos_iou, self.gt_max_assign_all)
-            gt_inds = result.gt_inds
-            result.labels = torch.where(gt_inds > 0, gt_labels[(gt_inds - 1).clamp(min=0)], gt_inds.new_full((), -1))
-        return result
+        num_gts, num_priors = overlaps.shape
+        if not self.vectorized(overlaps) or not num_gts or not num_priors:
+            return super().assign_wrt_overlaps(overlaps, gt_labels)  # (nothing to match: no waits either)
+        # mmdet's steps, each on the whole vector: 1. unassigned (-1), 2. negatives (0), 3. positives (object + 1).
+        max_overlaps, argmax_overlaps = overlaps.max(dim=0)
+        gt_inds = overlaps.new_full((num_priors,), -1, dtype=torch.long)
+        neg = self.neg_iou_thr
+        if isinstance(neg, float):
+            gt_inds = torch.where((max_overlaps >= 0) & (max_overlaps < neg), 0, gt_inds)
+        elif isinstance(neg, tuple):
+            assert len(neg) == 2
+            gt_inds = torch.where((max_overlaps >= neg[0]) & (max_overlaps < neg[1]), 0, gt_inds)
+        gt_inds = torch.where(max_overlaps >= self.pos_iou_thr, argmax_overlaps + 1, gt_inds)
+        # 4. each object claims the priors at its best IoU (low-quality matching).
+        if self.match_low_quality:
+            gt_inds = low_quality_matches(overlaps, gt_inds, self.min_pos_iou, self.gt_max_assign_all)
+        labels = torch.where(gt_inds > 0, gt_labels[(gt_inds - 1).clamp(min=0)], gt_inds.new_full((), -1))
+        return AssignResult(num_gts=num_gts, gt_inds=gt_inds, max_overlaps=max_overlaps, labels=labels)
 
     @staticmethod
     def vectorized(overlaps):
         """On a GPU the loop's waits are what costs; on the CPU there are none, and the loop, one row at a time
         in cache, was ~2x faster than the whole-matrix operations (bench/run.py --only step_waits)."""
         return overlaps.device.type != "cpu"
+
+
+@TASK_UTILS.register_module()
+class CvtkRandomSampler(RandomSampler):
+    """mmdet's RandomSampler with one host read per call (the two counts) instead of four."""
+
+    def sample(self, assign_result, pred_instances, gt_instances, **kwargs):
+        if not self.vectorized(assign_result.gt_inds):
+            return super().sample(assign_result, pred_instances, gt_instances, **kwargs)
+        # mmdet's BaseSampler.sample, with the same priors, ground-truth proposals and flags.
+        gt_bboxes, priors, gt_labels = gt_instances.bboxes, pred_instances.priors, gt_instances.labels
+        if len(priors.shape) < 2:
+            priors = priors[None, :]
+        gt_flags = priors.new_zeros((priors.shape[0],), dtype=torch.uint8)
+        if self.add_gt_as_proposals and len(gt_bboxes) > 0:
+            as_priors = gt_bboxes.convert_to(type(priors)) if isinstance(gt_bboxes, BaseBoxes) and \
+                isinstance(priors, BaseBoxes) else gt_bboxes
+            priors = cat_boxes([as_priors, priors], dim=0)
+            assign_result.add_gt_(gt_labels)
+            gt_flags = torch.cat([priors.new_ones(as_priors.shape[0], dtype=torch.uint8), gt_flags])
+        positive, negative = assign_result.gt_inds > 0, assign_result.gt_inds == 0
+        num_pos, num_neg = torch.stack([positive.sum(), negative.sum()]).tolist()  # the one wait
+        pos_inds = self._choose(positive, num_pos, int(self.num * self.pos_fraction))
+        num_expected_neg = self.num - len(pos_inds)
+        if self.neg_pos_ub >= 0:
+            num_expected_neg = min(num_expected_neg, int(self.neg_pos_ub * max(1, len(pos_inds))))
+        neg_inds = self._choose(negative, num_neg, num_expected_neg)
+        return SamplingResult(pos_inds=pos_inds, neg_inds=neg_inds, priors=priors, gt_bboxes=gt_bboxes,
+                              assign_result=assign_result, gt_flags=gt_flags)
+
+    @staticmethod
+    def _choose(mask, count, num_expected):
+        """mmdet's `_sample_*` then `unique()`: the indices where `mask` holds (`count` of them), at most
+        `num_expected` chosen by the same CPU permutation mmdet draws, ascending."""
+        # A stable sort puts the True entries first, in order: nonzero's result, without reading its size.
+        inds = torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
+        if count > num_expected:
+            inds = inds[torch.randperm(count)[:num_expected].to(device=inds.device)]
+        return torch.sort(inds).values  # the indices are distinct: unique() is a sort
+
+    @staticmethod
+    def vectorized(gt_inds):
+        return gt_inds.device.type != "cpu"
 
 
 def low_quality_matches(overlaps, gt_inds, min_pos_iou, gt_max_assign_all):

@@ -87,7 +87,7 @@ class _Stepper:
         self.sample = dataset[self.index]
         self.input_size = _largest_input(dataset, infos, self.sample)
         self.sample = _padded(self.sample, self.input_size)
-        from . import assigner, masktargets, mmconfig  # noqa: F401 (assigner: registers CvtkMaxIoUAssigner)
+        from . import assigner, masktargets, mmconfig  # noqa: F401 (assigner: registers the sync-free assigner and sampler)
 
         mmconfig.use_sync_free_assigners(cfg.model)  # the model the run trains (mmhooks.CvtkRunner.build_model)
         self.model = MODELS.build(cfg.model).to(device)

@@ -415,19 +415,23 @@ def set_gpu_assign_threshold(model_cfg, limit):
         assigner["gpu_assign_thr"] = limit
 
 
-def use_sync_free_assigners(model_cfg):
-    """mmdet's MaxIoUAssigner → cvtk-job's (assigner.py): the same assignment, without a host-device wait per
-    object in low-quality matching. Applied where the training model is built (mmhooks.CvtkRunner, autobatch),
-    not in the written config, which stays loadable where cvtk-job is not installed. Returns how many."""
+SYNC_FREE = {"MaxIoUAssigner": "CvtkMaxIoUAssigner", "RandomSampler": "CvtkRandomSampler"}
 
-    swapped = []
+
+def use_sync_free_assigners(model_cfg):
+    """mmdet's MaxIoUAssigner and RandomSampler → cvtk-job's (assigner.py): the same assignment and samples,
+    without the host-device waits per object and per image. Applied where the training model is built
+    (mmhooks.CvtkRunner, autobatch), not in the written config, which stays loadable where cvtk-job is not
+    installed. Returns {mmdet's name: how many}."""
+
+    swapped = dict.fromkeys(SYNC_FREE, 0)
 
     def visit(d):
-        if d.get("type") == "MaxIoUAssigner":
-            d["type"] = "CvtkMaxIoUAssigner"
-            swapped.append(d)
+        if d.get("type") in SYNC_FREE:
+            swapped[d["type"]] += 1
+            d["type"] = SYNC_FREE[d["type"]]
     _walk(model_cfg.get("train_cfg") or {}, visit)
-    return len(swapped)
+    return swapped
 
 
 def raise_score_threshold(model_cfg, threshold):

@@ -24,7 +24,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import FUNCTIONS, HOOKS, LOOPS, METRICS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
-from . import artifacts, assigner, predictions  # noqa: F401 (assigner: registers CvtkMaxIoUAssigner)
+from . import artifacts, assigner, predictions  # noqa: F401 (assigner: registers the sync-free assigner and sampler)
 
 
 def _mean(values):
@@ -342,21 +342,23 @@ class CvtkRunner(Runner):
     does not execute. (Without it, test_migrate's poisoned --resume checkpoint ran its code.)"""
 
     def build_model(self, model):
-        """The training model, with what makes a step wait less on the host: mmdet's MaxIoUAssigners run as
-        CvtkMaxIoUAssigner (assigner.py) and Mask R-CNN's mask targets are built on the device (masktargets.py);
-        both give mmdet's results exactly. The config keeps mmdet's names (as for the train loop below)."""
+        """The training model, with what makes a step wait less on the host: mmdet's MaxIoUAssigners and
+        RandomSamplers run as cvtk-job's (assigner.py) and Mask R-CNN's mask targets are built on the device
+        (masktargets.py); all give mmdet's results exactly. The config keeps mmdet's names (as for the train loop
+        below)."""
         import copy
 
         from . import masktargets, mmconfig
 
-        assigners = 0
+        swapped = dict.fromkeys(mmconfig.SYNC_FREE, 0)
         if isinstance(model, dict):
             model = copy.deepcopy(model)
-            assigners = mmconfig.use_sync_free_assigners(model)
+            swapped = mmconfig.use_sync_free_assigners(model)
         model = super().build_model(model)
         heads = masktargets.install(model)
-        self.logger.info("training model: %d MaxIoUAssigner(s) as CvtkMaxIoUAssigner, %d mask head(s) with "
-                         "targets built on the device (same results, fewer waits on the host)", assigners, heads)
+        self.logger.info("training model: %s, %d mask head(s) with targets built on the device (same results, "
+                         "fewer waits on the host)", ", ".join(f"{n} {name}(s) as {mmconfig.SYNC_FREE[name]}"
+                                                             for name, n in swapped.items()), heads)
         return model
 
     def build_train_loop(self, loop):

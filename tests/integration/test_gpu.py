@@ -136,9 +136,9 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(small_data, tmp_path):
 
 
 
-def test_the_assigner_and_mask_targets_on_cuda_equal_mmdets():
-    """On CUDA the assigner takes its whole-matrix way (int16 amax, int64 scatter_reduce) and the mask targets
-    stay on the device: both must still give mmdet's results there."""
+def test_the_assigner_sampler_and_mask_targets_on_cuda_equal_mmdets():
+    """On CUDA the assigner takes its whole-matrix way (int16 amax, int64 scatter_reduce), the sampler its stable
+    sort, and the mask targets stay on the device: all must still give mmdet's results there."""
     from mmdet.models.roi_heads.mask_heads import FCNMaskHead
     from mmdet.models.task_modules.assigners import MaxIoUAssigner
     from mmengine.config import ConfigDict
@@ -155,6 +155,24 @@ def test_the_assigner_and_mask_targets_on_cuda_equal_mmdets():
             want = MaxIoUAssigner(**setting).assign_wrt_overlaps(overlaps.clone(), labels)
             got = CvtkMaxIoUAssigner(**setting).assign_wrt_overlaps(overlaps.clone(), labels)
             assert torch.equal(got.gt_inds, want.gt_inds) and torch.equal(got.labels, want.labels)
+    from mmdet.models.task_modules.samplers import RandomSampler
+
+    from cvtk_job.assigner import CvtkRandomSampler
+    from tests.unit.test_assigner import SAMPLERS, assignment
+
+    for setting in SAMPLERS.values():
+        for num_priors, num_gts in ((200_000, 100), (3000, 1), (200, 0), (40, 30)):
+            results = []
+            for cls in (RandomSampler, CvtkRandomSampler):
+                assigned, priors, gt = assignment(num_priors, num_gts, 0)
+                assigned.gt_inds, assigned.labels = assigned.gt_inds.cuda(), assigned.labels.cuda()
+                assigned.max_overlaps = assigned.max_overlaps.cuda()
+                priors.priors, gt.bboxes, gt.labels = priors.priors.cuda(), gt.bboxes.cuda(), gt.labels.cuda()
+                torch.manual_seed(0)
+                results.append(cls(**setting).sample(assigned, priors, gt))
+            assert results[1].pos_inds.is_cuda
+            for field in ("pos_inds", "neg_inds", "pos_gt_bboxes", "pos_is_gt"):
+                assert torch.equal(getattr(results[1], field), getattr(results[0], field)), field
     head = FCNMaskHead(num_convs=1, in_channels=4, conv_out_channels=4, num_classes=2)
     for soft in (False, True):
         cfg = ConfigDict(mask_size=28, soft_mask_target=soft)

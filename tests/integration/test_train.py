@@ -324,8 +324,8 @@ def test_profile_hook_captures_the_asked_steps_and_the_run_is_otherwise_unchange
     assert sum(e.get("name") == "aten::convolution" for e in trace["traceEvents"]) > 0
     assert "profile of 2 steps:" in result.stderr
     # What keeps the steps from waiting on the host (assigner.py, masktargets.py) is in the model that trained.
-    assert ("training model: 2 MaxIoUAssigner(s) as CvtkMaxIoUAssigner, 1 mask head(s) with targets built on the "
-            "device") in result.stderr
+    assert ("training model: 2 MaxIoUAssigner(s) as CvtkMaxIoUAssigner, 2 RandomSampler(s) as CvtkRandomSampler, "
+            "1 mask head(s) with targets built on the device") in result.stderr
     _, rows = read_tsv(tmp_path / "strawberry.train_stats.train.txt")
     assert [r["epoch"] for r in rows] == ["1"]
 

@@ -177,9 +177,9 @@ def test_dense_training_images_move_the_rpn_assignment_to_the_cpu_above_what_fit
 
 
 @pytest.mark.parametrize("task", ["segm", "det"])
-def test_the_sync_free_assigner_keeps_every_setting_and_stays_out_of_the_written_config(tmp_path, task):
-    """The config (written as X.py) names mmdet's assigner; the model CvtkRunner builds from it uses cvtk-job's,
-    with the same settings (including the dense-image CPU threshold)."""
+def test_the_sync_free_assigner_and_sampler_keep_every_setting_and_stay_out_of_the_written_config(tmp_path, task):
+    """The config (written as X.py) names mmdet's assigner and sampler; the model CvtkRunner builds from it uses
+    cvtk-job's, with the same settings (including the dense-image CPU threshold)."""
     import copy
 
     from mmengine.config import Config
@@ -187,11 +187,15 @@ def test_the_sync_free_assigner_keeps_every_setting_and_stays_out_of_the_written
     base = Config.fromfile(mmconfig.resolve_model(None, task))
     cfg = build(tmp_path, task=task, context={"densest_train": 224})
     model = copy.deepcopy(cfg.model)
-    mmconfig.use_sync_free_assigners(model)
+    assert mmconfig.use_sync_free_assigners(model) == {"MaxIoUAssigner": 2, "RandomSampler": 2}
     for stage in ("rpn", "rcnn"):
         assert cfg.model.train_cfg[stage].assigner.type == "MaxIoUAssigner"
+        assert cfg.model.train_cfg[stage].sampler.type == "RandomSampler"
         got, want = dict(model.train_cfg[stage].assigner), dict(base.model.train_cfg[stage].assigner)
         assert want.pop("type") == "MaxIoUAssigner" and got.pop("type") == "CvtkMaxIoUAssigner"
         got.pop("gpu_assign_thr", None)
+        assert got == want
+        got, want = dict(model.train_cfg[stage].sampler), dict(base.model.train_cfg[stage].sampler)
+        assert want.pop("type") == "RandomSampler" and got.pop("type") == "CvtkRandomSampler"
         assert got == want
     assert model.train_cfg.rpn.assigner.gpu_assign_thr == 223
