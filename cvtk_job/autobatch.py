@@ -121,7 +121,8 @@ def _largest_input(dataset, infos, sample):
     widest image, so a portrait and a landscape photo in one batch make a square of their long sides. The
     pipeline itself says what size each image becomes (resizing to a scale or by a factor, with or without its
     aspect ratio): it runs on the images that reach the extremes (the tallest and the widest shape, the largest
-    height and width), read through the pipeline like any training image."""
+    height and width), read through the pipeline like any training image. A pipeline that resizes at random
+    (multi-scale training) is drawn once per image here; a larger draw later is what the OOM back-off is for."""
     def pick(key):
         return max(range(len(infos)), key=lambda i: key(infos[i]))
 
