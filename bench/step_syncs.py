@@ -133,7 +133,7 @@ def count(device="cpu", batch=4):
     def model(ours):
         model_cfg = copy.deepcopy(cfg.model)
         if ours:
-            mmconfig.use_sync_free_assigners(model_cfg)
+            mmconfig.use_sync_free_task_modules(model_cfg)
         torch.manual_seed(0)
         built = MODELS.build(model_cfg).to(device)
         if ours:

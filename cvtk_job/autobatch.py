@@ -89,7 +89,7 @@ class _Stepper:
         self.sample = _padded(self.sample, self.input_size)
         from . import assigner, masktargets, mmconfig  # noqa: F401 (assigner: registers the sync-free assigner and sampler)
 
-        mmconfig.use_sync_free_assigners(cfg.model)  # the model the run trains (mmhooks.CvtkRunner.build_model)
+        mmconfig.use_sync_free_task_modules(cfg.model)  # the model the run trains (mmhooks.CvtkRunner.build_model)
         self.model = MODELS.build(cfg.model).to(device)
         masktargets.install(self.model)
         self.model.train()

@@ -418,7 +418,7 @@ def set_gpu_assign_threshold(model_cfg, limit):
 SYNC_FREE = {"MaxIoUAssigner": "CvtkMaxIoUAssigner", "RandomSampler": "CvtkRandomSampler"}
 
 
-def use_sync_free_assigners(model_cfg):
+def use_sync_free_task_modules(model_cfg):
     """mmdet's MaxIoUAssigner and RandomSampler → cvtk-job's (assigner.py): the same assignment and samples,
     without the host-device waits per object and per image. Applied where the training model is built
     (mmhooks.CvtkRunner, autobatch), not in the written config, which stays loadable where cvtk-job is not

@@ -353,7 +353,7 @@ class CvtkRunner(Runner):
         swapped = dict.fromkeys(mmconfig.SYNC_FREE, 0)
         if isinstance(model, dict):
             model = copy.deepcopy(model)
-            swapped = mmconfig.use_sync_free_assigners(model)
+            swapped = mmconfig.use_sync_free_task_modules(model)
         model = super().build_model(model)
         heads = masktargets.install(model)
         self.logger.info("training model: %s, %d mask head(s) with targets built on the device (same results, "

@@ -187,7 +187,7 @@ def test_the_sync_free_assigner_and_sampler_keep_every_setting_and_stay_out_of_t
     base = Config.fromfile(mmconfig.resolve_model(None, task))
     cfg = build(tmp_path, task=task, context={"densest_train": 224})
     model = copy.deepcopy(cfg.model)
-    assert mmconfig.use_sync_free_assigners(model) == {"MaxIoUAssigner": 2, "RandomSampler": 2}
+    assert mmconfig.use_sync_free_task_modules(model) == {"MaxIoUAssigner": 2, "RandomSampler": 2}
     for stage in ("rpn", "rcnn"):
         assert cfg.model.train_cfg[stage].assigner.type == "MaxIoUAssigner"
         assert cfg.model.train_cfg[stage].sampler.type == "RandomSampler"
