@@ -90,21 +90,21 @@ def _epoch_checkpoints(names):
 def test_resume_from_s3_on_a_fresh_machine(s3_server, bucket, tmp_path):
     """S3 is the truth for --resume auto: a fresh machine continues from it, the bucket keeps the epoch
     checkpoints the workspace keeps, and a run deleted from S3 starts over on a machine that still has it."""
-    first = run_cli(*s3_train_args(bucket, "run", "--epoch", "3"), env=env_for(s3_server, tmp_path / "machine1"))
+    first = run_cli(*s3_train_args(bucket, "run", "--epoch", "2"), env=env_for(s3_server, tmp_path / "machine1"))
     assert first.returncode == 0, first.stderr[-3000:]
-    # Another machine: empty cache and workspace; the same command with --epoch 4 continues.
+    # Another machine: empty cache and workspace; the same command with --epoch 3 continues.
     machine2 = env_for(s3_server, tmp_path / "machine2")
-    second = run_cli(*s3_train_args(bucket, "run", "--epoch", "4"), env=machine2)
+    second = run_cli(*s3_train_args(bucket, "run", "--epoch", "3"), env=machine2)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming from s3://{bucket}/run/strawberry/epoch_3.pth" in second.stderr
-    assert "resumed epoch: 3" in second.stderr
-    assert "Epoch(train) [3]" not in second.stderr and "Epoch(train) [4]" in second.stderr
+    assert f"resuming from s3://{bucket}/run/strawberry/epoch_2.pth" in second.stderr
+    assert "resumed epoch: 2" in second.stderr
+    assert "Epoch(train) [2]" not in second.stderr and "Epoch(train) [3]" in second.stderr
     rows = s3_server.client().get_object(Bucket=bucket, Key="run/strawberry.train_stats.train.txt")["Body"]
-    assert [line.split("\t")[0] for line in rows.read().decode().splitlines()[1:]] == ["1", "2", "3", "4"]
+    assert [line.split("\t")[0] for line in rows.read().decode().splitlines()[1:]] == ["1", "2", "3"]
     workspace = cached(tmp_path / "machine2", "outputs", s3_server) / bucket / "run" / "strawberry"
     local = _epoch_checkpoints(workspace.iterdir())
-    assert local == ["epoch_3.pth", "epoch_4.pth"]  # max_keep_ckpts=2
-    assert _epoch_checkpoints(s3_server.keys(bucket, "run/strawberry/")) == local  # epoch_1, epoch_2 removed
+    assert local == ["epoch_2.pth", "epoch_3.pth"]  # max_keep_ckpts=2
+    assert _epoch_checkpoints(s3_server.keys(bucket, "run/strawberry/")) == local  # epoch_1 removed
 
     for key in s3_server.keys(bucket, "run/"):
         s3_server.client().delete_object(Bucket=bucket, Key=key)
