@@ -6,9 +6,12 @@
 # The device machine brings its own Python and CUDA torch, no mm* packages and no package index, so
 # everything else travels as wheels: mmcv with its CUDA ops compiled here for that Python, that torch and
 # that GPU (nvcc is on this machine; ~40 min on 2 cores), plus pure and binary wheels of what cvtk-job
-# imports there, at the versions of requirements/constraints.txt. The result lands in
-# ~/.cache/cvtk-job/device-wheels/<cpXY>-torch<version>-<cuXY>-sm<arch>/ (or $DEVICE_WHEELS), written
-# under a temporary name and renamed when complete, so a half-built folder is never taken for a good one.
+# imports there, at the versions of requirements/constraints.txt. The result lands in the checkout's
+# .gpu/wheels/ (or $DEVICE_WHEELS), ignored by git and carried to the device by `carry: [".gpu"]`: the
+# checkout outlives a session where ~/.cache and /tmp did not, and a session lent a device then starts the
+# check at once instead of after ~20 minutes of compiling. Written under a temporary name and renamed when
+# complete, so a half-built folder is never taken for a good one; device.json says which torch, CUDA and
+# Python the wheels are for (tools/gpu_check.sh's first step compares them with the machine's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYV=${1:-3.12}
@@ -35,7 +38,7 @@ if [ ! -x "$WORK/venv/bin/python" ] || ! "$WORK/venv/bin/python" -c "import torc
 fi
 cu=$("$WORK/venv/bin/python" -c "import torch; print('cu' + (torch.version.cuda or 'none').replace('.', '')[:3])")
 [ "$cu" != cunone ] || { echo "device_wheels: torch==$TORCHV from the index is a CPU build" >&2; exit 2; }
-DEST=${DEVICE_WHEELS:-$HOME/.cache/cvtk-job/device-wheels/$TAG-torch$TORCHV-$cu-sm${ARCH/./}}
+DEST=${DEVICE_WHEELS:-$PWD/.gpu/wheels}
 OUT="$DEST.partial"
 rm -rf "$OUT" && mkdir -p "$OUT"
 
@@ -91,11 +94,12 @@ done
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux_2_27_x86_64 --platform linux_x86_64 -d "$OUT" "${specs[@]}"
 
-"$WORK/venv/bin/python" - "$OUT" "$TORCHV" "$cu" <<'EOF'
+"$WORK/venv/bin/python" - "$OUT" "$TORCHV" "$cu" "$PYV" "$ARCH" <<'EOF'
 import json, pathlib, sys
-out, torch_version, cuda = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+out, torch_version, cuda, python, arch = pathlib.Path(sys.argv[1]), *sys.argv[2:]
 wheels = sorted(p.name for p in out.glob("*.whl"))
-(out / "device.json").write_text(json.dumps({"torch": torch_version, "cuda": cuda, "wheels": wheels}, indent=1))
+(out / "device.json").write_text(json.dumps({"torch": torch_version, "cuda": cuda, "python": python, "arch": arch,
+                                              "wheels": wheels}, indent=1))
 EOF
 rm -rf "$DEST" && mv "$OUT" "$DEST"
 echo "device_wheels: $(ls "$DEST"/*.whl | wc -l) wheels, $(du -sh "$DEST" | cut -f1) in $DEST"

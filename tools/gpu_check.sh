@@ -42,6 +42,14 @@ if os.path.exists(sys.argv[1]):
         sys.exit(f"the wheels were built for torch {built['torch']} {built['cuda']}, this machine has {here[0]} "
                  f"{here[1]}: run tools/device_wheels.sh {sys.version_info[0]}.{sys.version_info[1]} {here[0]} "
                  "on the development machine and carry the new folder")
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if built.get("python", python) != python:
+        sys.exit(f"the wheels were built for Python {built['python']}, this machine has {python}: run "
+                 f"tools/device_wheels.sh {python} {here[0]} on the development machine and carry the new folder")
+    arch = "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    if arch and built.get("arch", arch) != arch:  # mmcv's CUDA ops run only on the GPU generation compiled for
+        sys.exit(f"mmcv's CUDA ops were compiled for sm_{built['arch'].replace('.', '')}, this GPU is "
+                 f"sm_{arch.replace('.', '')}: run tools/device_wheels.sh {python} {here[0]} {arch} and carry again")
     print("the carried wheels match this stack")
 EOF
 [ "$rc" -eq 0 ] || exit 1  # (a failed nvidia-smi alone goes on: doctor says what torch sees)
