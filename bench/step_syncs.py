@@ -111,7 +111,7 @@ def count(device="cpu", batch=4):
     from mmengine.registry import DATASETS, MODELS, init_default_scope
 
     sys.path.insert(0, REPO)
-    from cvtk_job import masktargets, mmconfig
+    from cvtk_job import masktargets, mmconfig, roi_extractor  # noqa: F401 (registers the swapped-in extractor)
     from cvtk_job.assigner import CvtkMaxIoUAssigner, CvtkRandomSampler
     from cvtk_job.options import TrainOptions
 
@@ -133,7 +133,7 @@ def count(device="cpu", batch=4):
     def model(ours):
         model_cfg = copy.deepcopy(cfg.model)
         if ours:
-            mmconfig.use_sync_free_task_modules(model_cfg)
+            mmconfig.use_training_modules(model_cfg)
         torch.manual_seed(0)
         built = MODELS.build(model_cfg).to(device)
         if ours:

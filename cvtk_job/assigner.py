@@ -16,7 +16,7 @@ per image and stage (two `nonzero`, two `unique`), and samples exactly what it s
 permutations, the same sorted indices): bench/step_syncs.py counts both.
 
 Used where the training model is built (`mmhooks.CvtkRunner.build_model`, `autobatch`, through
-`mmconfig.use_sync_free_task_modules`); the written config keeps mmdet's names.
+`mmconfig.use_training_modules`); the written config keeps mmdet's names.
 """
 
 import torch

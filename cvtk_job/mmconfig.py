@@ -415,22 +415,25 @@ def set_gpu_assign_threshold(model_cfg, limit):
         assigner["gpu_assign_thr"] = limit
 
 
-SYNC_FREE = {"MaxIoUAssigner": "CvtkMaxIoUAssigner", "RandomSampler": "CvtkRandomSampler"}
+# mmdet's module → cvtk-job's drop-in for the training model: the assigner and sampler without host-device waits
+# (assigner.py; mmdet's results exactly), the RoI extractor with its RoIs in fp32 under mixed precision
+# (roi_extractor.py; mmdet's own forward in fp32).
+TRAINING_MODULES = {"MaxIoUAssigner": "CvtkMaxIoUAssigner", "RandomSampler": "CvtkRandomSampler",
+                    "SingleRoIExtractor": "CvtkSingleRoIExtractor"}
 
 
-def use_sync_free_task_modules(model_cfg):
-    """mmdet's MaxIoUAssigner and RandomSampler → cvtk-job's (assigner.py): the same assignment and samples,
-    without the host-device waits per object and per image. Applied where the training model is built
+def use_training_modules(model_cfg):
+    """Swap TRAINING_MODULES into a model config, in place. Applied where the training model is built
     (mmhooks.CvtkRunner, autobatch), not in the written config, which stays loadable where cvtk-job is not
     installed. Returns {mmdet's name: how many}."""
 
-    swapped = dict.fromkeys(SYNC_FREE, 0)
+    swapped = dict.fromkeys(TRAINING_MODULES, 0)
 
     def visit(d):
-        if d.get("type") in SYNC_FREE:
+        if d.get("type") in TRAINING_MODULES:
             swapped[d["type"]] += 1
-            d["type"] = SYNC_FREE[d["type"]]
-    _walk(model_cfg.get("train_cfg") or {}, visit)
+            d["type"] = TRAINING_MODULES[d["type"]]
+    _walk(model_cfg, visit)
     return swapped
 
 

@@ -177,9 +177,9 @@ def test_dense_training_images_move_the_rpn_assignment_to_the_cpu_above_what_fit
 
 
 @pytest.mark.parametrize("task", ["segm", "det"])
-def test_the_sync_free_assigner_and_sampler_keep_every_setting_and_stay_out_of_the_written_config(tmp_path, task):
-    """The config (written as X.py) names mmdet's assigner and sampler; the model CvtkRunner builds from it uses
-    cvtk-job's, with the same settings (including the dense-image CPU threshold)."""
+def test_the_training_modules_keep_every_setting_and_stay_out_of_the_written_config(tmp_path, task):
+    """The config (written as X.py) names mmdet's assigner, sampler and RoI extractor; the model CvtkRunner builds
+    from it uses cvtk-job's, with the same settings (including the dense-image CPU threshold)."""
     import copy
 
     from mmengine.config import Config
@@ -187,7 +187,14 @@ def test_the_sync_free_assigner_and_sampler_keep_every_setting_and_stay_out_of_t
     base = Config.fromfile(mmconfig.resolve_model(None, task))
     cfg = build(tmp_path, task=task, context={"densest_train": 224})
     model = copy.deepcopy(cfg.model)
-    assert mmconfig.use_sync_free_task_modules(model) == {"MaxIoUAssigner": 2, "RandomSampler": 2}
+    extractors = {"segm": ("bbox_roi_extractor", "mask_roi_extractor"), "det": ("bbox_roi_extractor",)}[task]
+    assert mmconfig.use_training_modules(model) == {"MaxIoUAssigner": 2, "RandomSampler": 2,
+                                                    "SingleRoIExtractor": len(extractors)}
+    for name in extractors:
+        assert cfg.model.roi_head[name].type == "SingleRoIExtractor"
+        got, want = dict(model.roi_head[name]), dict(base.model.roi_head[name])
+        assert want.pop("type") == "SingleRoIExtractor" and got.pop("type") == "CvtkSingleRoIExtractor"
+        assert got == want
     for stage in ("rpn", "rcnn"):
         assert cfg.model.train_cfg[stage].assigner.type == "MaxIoUAssigner"
         assert cfg.model.train_cfg[stage].sampler.type == "RandomSampler"

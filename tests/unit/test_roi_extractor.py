@@ -1,0 +1,81 @@
+"""cvtk_job/roi_extractor.py: under mixed precision each RoI takes its features from the level and at the
+corners fp32 gives; in fp32, mmdet's forward exactly. (mmcv's RoIAlign runs fp16 on the CPU too, so mmdet's
+fp16 behaviour is reproduced here; the CUDA twin is in tests/integration/test_gpu.py.)"""
+
+import math
+
+import pytest
+import torch
+from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
+
+from cvtk_job.roi_extractor import CvtkSingleRoIExtractor
+
+STRIDES = [4, 8, 16, 32]
+# Mask R-CNN's bbox RoI extractor (mmdet's configs/_base_/models/mask-rcnn_r50_fpn.py), fewer channels.
+SETTINGS = dict(roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0), out_channels=4,
+                featmap_strides=STRIDES)
+SIDES = [20, 60, 120, 200, 250, 255, 257, 300, 400, 440, 447, 449, 500, 800]
+
+
+def expected_level(side):
+    """mmdet's mapping (FPN paper, eq. 1; finest_scale 56) in float64: floor(log2(sqrt(area) / 56)), 0..3."""
+    return min(3, max(0, math.floor(math.log2(side / 56 + 1e-6))))
+
+
+def square_rois(sides, x0=10.0):
+    return torch.tensor([[0, x0, x0, x0 + s, x0 + s] for s in sides], dtype=torch.float32)
+
+
+def level_valued_features(dtype, size=1024):
+    """Level i is the constant i everywhere: an RoI's pooled value says which level it came from."""
+    return tuple(torch.full((1, 4, size // s, size // s), float(i), dtype=dtype) for i, s in enumerate(STRIDES))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_each_roi_pools_from_the_level_fp32_gives(dtype):
+    want = [expected_level(s) for s in SIDES]
+    assert want.count(2) >= 5  # the sides between 256 and 448 where fp16's w * h overflows are covered
+    out = CvtkSingleRoIExtractor(**SETTINGS)(level_valued_features(dtype), square_rois(SIDES))
+    assert out.dtype == dtype and out.shape == (len(SIDES), 4, 7, 7)
+    got = [sorted(set(o.float().flatten().tolist())) for o in out]
+    assert got == [[float(level)] for level in want]
+
+
+def test_mmdets_own_extractor_misplaces_large_rois_in_fp16():
+    """Why the swap: mmdet 3.3 computes the level from fp16 RoIs, whose area overflows beyond 256 x 256."""
+    out = SingleRoIExtractor(**SETTINGS)(level_valued_features(torch.float16), square_rois(SIDES))
+    got = [int(o[0, 0, 0]) for o in out]
+    wrong = [s for s, g in zip(SIDES, got, strict=True) if g != expected_level(s)]
+    assert wrong == [257, 300, 400, 440, 447]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rois_are_sampled_at_their_fp32_corners(dtype):
+    """Corners beyond x = 1024 (fp16: 1-pixel steps; bf16: 8) pool what fp32 pools, rounded once at the end;
+    RoIAlign run here directly on the level the mapping picks (side 100: level 0, stride 4)."""
+    from mmcv.ops import RoIAlign
+
+    torch.manual_seed(0)
+    feats = tuple(torch.randn(1, 4, 1400 // s, 1400 // s).to(dtype) for s in STRIDES)
+    rois = torch.tensor([[0, 1030.3, 200.6, 1130.3, 300.6], [0, 1200.7, 1000.2, 1300.7, 1100.2]])
+    want = RoIAlign(7, 1 / 4, 0)(feats[0].float(), rois).to(dtype)
+    got = CvtkSingleRoIExtractor(**SETTINGS)(feats, rois)
+    assert torch.equal(got, want)
+    if dtype == torch.float16:
+        mmdets = SingleRoIExtractor(**SETTINGS)(feats, rois)
+        assert not torch.equal(mmdets, want)  # its corners were rounded to the features' dtype first
+    else:  # mmcv 2.1's RoIAlign has no bf16 kernel, on the CPU as on CUDA: mmdet's --precision bf16 stops here
+        with pytest.raises(NotImplementedError, match="BFloat16"):
+            SingleRoIExtractor(**SETTINGS)(feats, rois)
+
+
+def test_fp32_is_mmdets_forward_and_gradients_reach_half_precision_features():
+    torch.manual_seed(0)
+    feats = tuple(torch.randn(2, 4, 512 // s, 512 // s) for s in STRIDES)
+    rois = torch.cat([torch.randint(0, 2, (30, 1)).float(), torch.rand(30, 2) * 200, torch.rand(30, 2) * 250 + 200], 1)
+    assert torch.equal(CvtkSingleRoIExtractor(**SETTINGS)(feats, rois), SingleRoIExtractor(**SETTINGS)(feats, rois))
+
+    half = tuple(f.half().requires_grad_() for f in feats)
+    CvtkSingleRoIExtractor(**SETTINGS)(half, rois).float().square().sum().backward()
+    assert all(f.grad is not None and f.grad.dtype == torch.float16 for f in half)
+    assert sum(bool(f.grad.abs().sum() > 0) for f in half) >= 2  # RoIs of several sizes: several levels
