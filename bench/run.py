@@ -473,10 +473,14 @@ def bench_gpu():
     losses = {name: [float(r["loss"]) for r in _stats_rows(out / name / "x.train_stats.train.txt")]
               for name in results}
     what = f"Mask R-CNN R101 (random init), 1333x800, batch {batch}, 60 images, epochs 2-{epochs}"
+    # "At equal loss curves": the same seed, so the same images in the same order; each epoch's mean loss within
+    # 5% of fp32's (the arithmetic differs, so the two runs drift apart, but slowly when fp16 computes the same
+    # thing).
+    drift = max(abs(a - b) / abs(b) for a, b in zip(losses["amp"], losses["fp32"], strict=True))
     curve = "; loss per epoch fp16 " + ", ".join(f"{v:.3f}" for v in losses["amp"]) + " vs fp32 " + \
-        ", ".join(f"{v:.3f}" for v in losses["fp32"])
-    report("GPU training images/s, default precision (fp16) vs fp32", amp, fp32, "img/s", amp / fp32, ">= 1.5",
-           amp / fp32 >= 1.5, what + curve)
+        ", ".join(f"{v:.3f}" for v in losses["fp32"]) + f" (largest difference {drift:.1%}, at most 5%)"
+    report("GPU training images/s, default precision (fp16) vs fp32", amp, fp32, "img/s", amp / fp32,
+           ">= 1.5, losses within 5%", amp / fp32 >= 1.5 and drift <= 0.05, what + curve)
     report("GPU training peak memory, default precision (fp16) vs fp32", amp_mem, fp32_mem, "MiB", amp_mem / fp32_mem,
            "(information)", True, "MMEngine's max allocated CUDA memory")
     # What holds a step back (issue 18): the profile of 3 steps of each run, side by side.
