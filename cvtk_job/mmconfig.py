@@ -411,7 +411,8 @@ def set_gpu_assign_threshold(model_cfg, limit):
     the second stage assigns ~1000 proposals, not hundreds of thousands of anchors."""
     rpn = (model_cfg.get("train_cfg") or {}).get("rpn") or {}
     assigner = rpn.get("assigner")
-    if isinstance(assigner, dict) and assigner.get("type") in ("MaxIoUAssigner", "CvtkMaxIoUAssigner"):
+    if isinstance(assigner, dict) and str(assigner.get("type")).removeprefix("mmdet.") in ("MaxIoUAssigner",
+                                                                                         "CvtkMaxIoUAssigner"):
         assigner["gpu_assign_thr"] = limit
 
 
@@ -430,9 +431,11 @@ def use_training_modules(model_cfg):
     swapped = dict.fromkeys(TRAINING_MODULES, 0)
 
     def visit(d):
-        if d.get("type") in TRAINING_MODULES:
-            swapped[d["type"]] += 1
-            d["type"] = TRAINING_MODULES[d["type"]]
+        kind = d.get("type")
+        name = kind.removeprefix("mmdet.") if isinstance(kind, str) else None  # a config may name the scope
+        if name in TRAINING_MODULES:
+            swapped[name] += 1
+            d["type"] = TRAINING_MODULES[name]
     _walk(model_cfg, visit)
     return swapped
 

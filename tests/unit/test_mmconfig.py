@@ -206,3 +206,11 @@ def test_the_training_modules_keep_every_setting_and_stay_out_of_the_written_con
         assert want.pop("type") == "RandomSampler" and got.pop("type") == "CvtkRandomSampler"
         assert got == want
     assert model.train_cfg.rpn.assigner.gpu_assign_thr == 223
+
+
+def test_training_modules_named_with_mmdets_scope_are_swapped_too():
+    scoped = {"roi_head": {"bbox_roi_extractor": {"type": "mmdet.SingleRoIExtractor", "out_channels": 8}},
+              "train_cfg": {"rcnn": {"assigner": {"type": "mmdet.MaxIoUAssigner"}, "sampler": {"type": "Other"}}}}
+    assert mmconfig.use_training_modules(scoped) == {"MaxIoUAssigner": 1, "RandomSampler": 0, "SingleRoIExtractor": 1}
+    assert scoped["roi_head"]["bbox_roi_extractor"] == {"type": "CvtkSingleRoIExtractor", "out_channels": 8}
+    assert scoped["train_cfg"]["rcnn"] == {"assigner": {"type": "CvtkMaxIoUAssigner"}, "sampler": {"type": "Other"}}
