@@ -2,9 +2,10 @@
 
 mmdet 3.3's extractor casts the RoIs to the features' dtype ("convert fp32 to fp16 when amp is on") and picks
 each RoI's pyramid level from that copy: `sqrt(w * h)`, whose product overflows fp16 (largest 65504) for any
-RoI of more than 256 x 256 pixels. `inf` then maps to the coarsest level, so under fp16 every RoI with a side
-between 256 and 448 pixels (P4's range at 1333x800) takes its features from P5 while training, and from P4 in
-validation, test and inference, which run in fp32: the heads learn on features they never see afterwards.
+RoI of more than 256 x 256 pixels. `inf` then maps to the coarsest level, so under fp16 every RoI whose
+sqrt(w * h) is between 256 and 448 pixels (most of P4's range, 224-448) takes its features from P5 while training,
+and from P4 in validation, test and inference, which run in fp32: the heads learn on features they never see
+afterwards.
 The fp16 copy also rounds the corners RoIAlign samples at (to 1 pixel beyond x = 1024; bf16 to 8 pixels).
 mmdet 2 ran the extractor in fp32 (`force_fp32(apply_to=('feats',), out_fp16=True)`), as torchvision's
 `roi_align` does under autocast; mmcv's RoIAlign takes one dtype for features and RoIs, so the features go
