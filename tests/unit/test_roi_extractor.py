@@ -1,14 +1,20 @@
 """cvtk_job/roi_extractor.py: under mixed precision each RoI takes its features from the level and at the
-corners fp32 gives; in fp32, mmdet's forward exactly. (mmcv's RoIAlign runs fp16 on the CPU too, so mmdet's
-fp16 behaviour is reproduced here; the CUDA twin is in tests/integration/test_gpu.py.)"""
+corners fp32 gives; in fp32, mmdet's results and gradients exactly; one host read per extraction where mmdet
+makes one per level. (mmcv's RoIAlign runs fp16 on the CPU too, so mmdet's fp16 behaviour is reproduced here;
+the CUDA twin is in tests/integration/test_gpu.py. Host reads are counted by bench/step_syncs.py's instrument.)"""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
 
 from cvtk_job.roi_extractor import CvtkSingleRoIExtractor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import step_syncs  # noqa: E402
 
 STRIDES = [4, 8, 16, 32]
 # Mask R-CNN's bbox RoI extractor (mmdet's configs/_base_/models/mask-rcnn_r50_fpn.py), fewer channels.
@@ -69,11 +75,70 @@ def test_rois_are_sampled_at_their_fp32_corners(dtype):
             SingleRoIExtractor(**SETTINGS)(feats, rois)
 
 
-def test_fp32_is_mmdets_forward_and_gradients_reach_half_precision_features():
+def random_rois(n, seed=0, images=2):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 200
+    return torch.cat([torch.randint(0, images, (n, 1), generator=g).float(), xy,
+                      xy + 4 + torch.rand(n, 2, generator=g) * 250], 1)
+
+
+def run(cls, feats, rois, roi_scale_factor=None):
+    """Output and the gradients of the features and of the extractor's parameters (none in mmdet's RoIAlign, but
+    mmdet adds them to the graph: kept generic) for a loss that weighs every output element differently."""
+    torch.manual_seed(1)
+    extractor = cls(**SETTINGS)
+    leaves = tuple(f.detach().clone().requires_grad_() for f in feats)
+    out = extractor(leaves, rois, roi_scale_factor)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out.float() * weights).sum().backward()
+    return out, [f.grad for f in leaves]
+
+
+@pytest.mark.parametrize("roi_scale_factor", [None, 1.5])
+@pytest.mark.parametrize("sides", ["all levels", "level 1 empty", "only level 0"])
+def test_fp32_results_and_gradients_are_mmdets_exactly(sides, roi_scale_factor):
+    """Bit-equal: each level's RoIAlign gets mmdet's RoIs in mmdet's order. A level no RoI maps to still gets a
+    (zero) gradient, as in mmdet: DDP waits for every level."""
     torch.manual_seed(0)
     feats = tuple(torch.randn(2, 4, 512 // s, 512 // s) for s in STRIDES)
-    rois = torch.cat([torch.randint(0, 2, (30, 1)).float(), torch.rand(30, 2) * 200, torch.rand(30, 2) * 250 + 200], 1)
-    assert torch.equal(CvtkSingleRoIExtractor(**SETTINGS)(feats, rois), SingleRoIExtractor(**SETTINGS)(feats, rois))
+    rois = random_rois(40)
+    area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
+    level = [expected_level(math.sqrt(a)) for a in area.tolist()]
+    if sides == "level 1 empty":
+        rois = rois[[lv != 1 for lv in level]]
+    elif sides == "only level 0":
+        rois = rois[[lv == 0 for lv in level]]
+    assert len(rois) >= 3
+    got, got_grads = run(CvtkSingleRoIExtractor, feats, rois, roi_scale_factor)
+    want, want_grads = run(SingleRoIExtractor, feats, rois, roi_scale_factor)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert a is not None and b is not None and torch.equal(a, b)
+
+
+def test_no_rois_every_level_in_the_graph():
+    feats = tuple(torch.randn(1, 4, 256 // s, 256 // s) for s in STRIDES)
+    got, grads = run(CvtkSingleRoIExtractor, feats, torch.zeros(0, 5))
+    assert got.shape == (0, 4, 7, 7) and all(g is not None and not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_host_read_per_extraction(dtype):
+    """mmdet: a nonzero per level (each a GPU wait); ours: the per-level counts, read once."""
+    feats = tuple(torch.randn(2, 4, 512 // s, 512 // s).to(dtype) for s in STRIDES)
+    rois = random_rois(60)
+    reads = {}
+    for cls in (CvtkSingleRoIExtractor, SingleRoIExtractor):
+        with step_syncs.Counter() as counter:
+            cls(**SETTINGS)(feats, rois)
+        reads[cls.__name__] = counter.total
+    assert reads == {"CvtkSingleRoIExtractor": 1, "SingleRoIExtractor": 4}
+
+
+def test_gradients_reach_half_precision_features():
+    torch.manual_seed(0)
+    feats = tuple(torch.randn(2, 4, 512 // s, 512 // s) for s in STRIDES)
+    rois = random_rois(30)
 
     half = tuple(f.half().requires_grad_() for f in feats)
     CvtkSingleRoIExtractor(**SETTINGS)(half, rois).float().square().sum().backward()
