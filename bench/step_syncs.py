@@ -111,6 +111,7 @@ def count(device="cpu", batch=4):
     from mmengine.registry import DATASETS, MODELS, init_default_scope
 
     sys.path.insert(0, REPO)
+    import cvtk_job.losses  # noqa: F401 (registers the swapped-in losses)
     from cvtk_job import masktargets, mmconfig, roi_extractor  # noqa: F401 (registers the swapped-in extractor)
     from cvtk_job.assigner import CvtkMaxIoUAssigner, CvtkRandomSampler
     from cvtk_job.options import TrainOptions

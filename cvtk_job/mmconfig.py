@@ -420,7 +420,8 @@ def set_gpu_assign_threshold(model_cfg, limit):
 # (assigner.py; mmdet's results exactly), the RoI extractor with its RoIs in fp32 under mixed precision
 # (roi_extractor.py; mmdet's own forward in fp32).
 TRAINING_MODULES = {"MaxIoUAssigner": "CvtkMaxIoUAssigner", "RandomSampler": "CvtkRandomSampler",
-                    "SingleRoIExtractor": "CvtkSingleRoIExtractor"}
+                    "SingleRoIExtractor": "CvtkSingleRoIExtractor", "L1Loss": "CvtkL1Loss",
+                    "CrossEntropyLoss": "CvtkCrossEntropyLoss"}
 
 
 def use_training_modules(model_cfg):

@@ -1,5 +1,7 @@
 """mmconfig.build_config: a pure function from options to the MMEngine config."""
 
+import functools
+
 import pytest
 
 from cvtk_job import mmconfig
@@ -178,8 +180,8 @@ def test_dense_training_images_move_the_rpn_assignment_to_the_cpu_above_what_fit
 
 @pytest.mark.parametrize("task", ["segm", "det"])
 def test_the_training_modules_keep_every_setting_and_stay_out_of_the_written_config(tmp_path, task):
-    """The config (written as X.py) names mmdet's assigner, sampler and RoI extractor; the model CvtkRunner builds
-    from it uses cvtk-job's, with the same settings (including the dense-image CPU threshold)."""
+    """The config (written as X.py) names mmdet's assigner, sampler, RoI extractor and losses; the model CvtkRunner
+    builds from it uses cvtk-job's, with the same settings (including the dense-image CPU threshold)."""
     import copy
 
     from mmengine.config import Config
@@ -188,8 +190,19 @@ def test_the_training_modules_keep_every_setting_and_stay_out_of_the_written_con
     cfg = build(tmp_path, task=task, context={"densest_train": 224})
     model = copy.deepcopy(cfg.model)
     extractors = {"segm": ("bbox_roi_extractor", "mask_roi_extractor"), "det": ("bbox_roi_extractor",)}[task]
-    assert mmconfig.use_training_modules(model) == {"MaxIoUAssigner": 2, "RandomSampler": 2,
-                                                    "SingleRoIExtractor": len(extractors)}
+    losses = {"rpn_head.loss_cls": "CrossEntropyLoss", "rpn_head.loss_bbox": "L1Loss",
+              "roi_head.bbox_head.loss_cls": "CrossEntropyLoss", "roi_head.bbox_head.loss_bbox": "L1Loss"}
+    if task == "segm":
+        losses["roi_head.mask_head.loss_mask"] = "CrossEntropyLoss"
+    assert mmconfig.use_training_modules(model) == {
+        "MaxIoUAssigner": 2, "RandomSampler": 2, "SingleRoIExtractor": len(extractors), "L1Loss": 2,
+        "CrossEntropyLoss": len(losses) - 2}
+    for where, name in losses.items():
+        got, want, written = (functools.reduce(lambda d, k: d[k], where.split("."), m)
+                              for m in (model, base.model, cfg.model))
+        got, want = dict(got), dict(want)
+        assert written.type == want.pop("type") == name and got.pop("type") == "Cvtk" + name
+        assert got == want
     for name in extractors:
         assert cfg.model.roi_head[name].type == "SingleRoIExtractor"
         got, want = dict(model.roi_head[name]), dict(base.model.roi_head[name])
@@ -211,6 +224,7 @@ def test_the_training_modules_keep_every_setting_and_stay_out_of_the_written_con
 def test_training_modules_named_with_mmdets_scope_are_swapped_too():
     scoped = {"roi_head": {"bbox_roi_extractor": {"type": "mmdet.SingleRoIExtractor", "out_channels": 8}},
               "train_cfg": {"rcnn": {"assigner": {"type": "mmdet.MaxIoUAssigner"}, "sampler": {"type": "Other"}}}}
-    assert mmconfig.use_training_modules(scoped) == {"MaxIoUAssigner": 1, "RandomSampler": 0, "SingleRoIExtractor": 1}
+    assert mmconfig.use_training_modules(scoped) == {"MaxIoUAssigner": 1, "RandomSampler": 0, "SingleRoIExtractor": 1,
+                                                     "L1Loss": 0, "CrossEntropyLoss": 0}
     assert scoped["roi_head"]["bbox_roi_extractor"] == {"type": "CvtkSingleRoIExtractor", "out_channels": 8}
     assert scoped["train_cfg"]["rcnn"] == {"assigner": {"type": "CvtkMaxIoUAssigner"}, "sampler": {"type": "Other"}}
