@@ -4,6 +4,7 @@
 such run are recorded in docs/benchmarks-gpu.md.
 """
 
+import functools
 import json
 
 import pytest
@@ -216,3 +217,66 @@ def test_the_assigner_sampler_and_mask_targets_on_cuda_equal_mmdets():
         want = head.get_targets(results, gts, cfg)
         got = masktargets.get_targets(head, results, gts, cfg)
         assert got.is_cuda and got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _cuda_syncs(fn):
+    """fn()'s result and the synchronisations CUDA itself reports while it runs (torch's sync debug mode warns
+    once per synchronizing call: .item(), nonzero, a copy to the host...)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def _loss_step(loss, pred, *args, **kwargs):
+    value = loss(pred, *args, **kwargs)
+    value.backward()
+    return value.detach()
+
+
+def test_the_roi_extractor_and_losses_on_cuda_equal_mmdets_with_the_syncs_cuda_counts():
+    """bench/step_syncs.py counts host reads on the CPU; here CUDA counts them: the extractor reads once where
+    mmdet reads once per level, the L1 and sigmoid cross-entropy losses (forward and backward) not at all, and
+    all still give mmdet's results on the GPU."""
+    from mmdet.models.losses import CrossEntropyLoss, L1Loss
+    from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
+
+    from cvtk_job.losses import CvtkCrossEntropyLoss, CvtkL1Loss
+    from cvtk_job.roi_extractor import CvtkSingleRoIExtractor
+    from tests.unit.test_losses import box_case, label_case
+    from tests.unit.test_roi_extractor import SETTINGS, STRIDES, random_rois
+
+    torch.manual_seed(0)
+    feats = tuple(torch.randn(2, 4, 512 // s, 512 // s, device="cuda") for s in STRIDES)
+    rois = random_rois(200).cuda()
+    out, syncs, grads = {}, {}, {}
+    for cls in (CvtkSingleRoIExtractor, SingleRoIExtractor):
+        leaves = tuple(f.clone().requires_grad_() for f in feats)
+        out[cls], syncs[cls] = _cuda_syncs(lambda c=cls, x=leaves: c(**SETTINGS).cuda()(x, rois))
+        out[cls].square().sum().backward()
+        grads[cls] = [f.grad for f in leaves]
+    assert torch.equal(out[CvtkSingleRoIExtractor], out[SingleRoIExtractor])
+    for a, b in zip(grads[CvtkSingleRoIExtractor], grads[SingleRoIExtractor], strict=True):
+        torch.testing.assert_close(a, b)  # RoIAlign's CUDA backward adds atomically: the order is not fixed
+    assert syncs == {CvtkSingleRoIExtractor: 1, SingleRoIExtractor: 4}
+
+    pred, target, weight = (t.cuda() for t in box_case(3000, 40, 0))
+    scores, labels, label_weights = (t.cuda() for t in label_case(3000, 1, 0))
+    cases = ((CvtkL1Loss, L1Loss, {}, (pred, target, weight), {"avg_factor": 256.0}),
+             (CvtkCrossEntropyLoss, CrossEntropyLoss, {"use_sigmoid": True}, (scores, labels, label_weights),
+              {"avg_factor": 256.0}))
+    for ours, theirs, settings, args, kwargs in cases:
+        results = {}
+        for cls in (ours, theirs):
+            leaf = args[0].clone().requires_grad_()
+            value, n = _cuda_syncs(functools.partial(_loss_step, cls(**settings), leaf, *args[1:], **kwargs))
+            results[cls] = value, leaf.grad, n
+        (a, grad_a, n_ours), (b, grad_b, n_theirs) = results[ours], results[theirs]
+        assert torch.equal(a, b) and torch.equal(grad_a, grad_b)
+        assert (n_ours, n_theirs) == (0, 1), ours.__name__
