@@ -16,7 +16,7 @@ mmdet also finds each level's RoIs with a `nonzero` per level: on a GPU, a host 
 8 per Mask R-CNN training step). Here the RoIs are ordered by level (a stable sort: within a level they keep
 mmdet's order, so every level's RoIAlign sees exactly mmdet's input, forward and backward) and the host reads
 the per-level counts once. The levels no RoI maps to still join the graph with a zero, as in mmdet (DDP waits
-for a gradient of every parameter).
+for a gradient of every parameter). RoIAlign gets NCHW features whatever their memory format (`_nchw_fp32`).
 
 Swapped in where the training model is built (`mmconfig.use_training_modules`); validation, test and inference
 run in fp32 with mmdet's extractor.
@@ -34,7 +34,7 @@ class CvtkSingleRoIExtractor(SingleRoIExtractor):
             return super().forward(feats, rois, roi_scale_factor)
         dtype = feats[0].dtype
         with torch.autocast(feats[0].device.type, enabled=False):
-            out = self._pool(tuple(f.float() for f in feats), rois.float(), roi_scale_factor)
+            out = self._pool(tuple(_nchw_fp32(f) for f in feats), rois.float(), roi_scale_factor)
         return out.to(dtype)
 
     def _pool(self, feats, rois, roi_scale_factor):
@@ -55,3 +55,10 @@ class CvtkSingleRoIExtractor(SingleRoIExtractor):
         if pooled:
             roi_feats = roi_feats.index_put((order,), torch.cat(pooled))
         return roi_feats
+
+
+def _nchw_fp32(feature):
+    """The feature map as mmcv's RoIAlign reads it: fp32 and contiguous NCHW. Its kernels index the raw buffer as
+    NCHW, so a channels_last map (the fast layout for half-precision convolutions on tensor cores) would be read
+    as scrambled values, without an error. No copy where the map is already so (fp32 training)."""
+    return feature.to(torch.float32, memory_format=torch.contiguous_format)

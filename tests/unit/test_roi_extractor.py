@@ -144,3 +144,18 @@ def test_gradients_reach_half_precision_features():
     CvtkSingleRoIExtractor(**SETTINGS)(half, rois).float().square().sum().backward()
     assert all(f.grad is not None and f.grad.dtype == torch.float16 for f in half)
     assert sum(bool(f.grad.abs().sum() > 0) for f in half) >= 2  # RoIs of several sizes: several levels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channels_last_features_pool_what_contiguous_ones_do(dtype):
+    """mmcv's RoIAlign indexes the raw buffer as NCHW: given a channels_last map, mmdet's extractor pools scrambled
+    values without an error; ours hands it NCHW."""
+    torch.manual_seed(0)
+    feats = tuple(torch.randn(2, 4, 512 // s, 512 // s).to(dtype) for s in STRIDES)
+    last = tuple(f.contiguous(memory_format=torch.channels_last) for f in feats)
+    assert all(not f.is_contiguous() for f in last)
+    rois = random_rois(40)
+    want = CvtkSingleRoIExtractor(**SETTINGS)(feats, rois)
+    assert torch.equal(CvtkSingleRoIExtractor(**SETTINGS)(last, rois), want)
+    if dtype == torch.float32:
+        assert not torch.allclose(SingleRoIExtractor(**SETTINGS)(last, rois), want, atol=0.1)
