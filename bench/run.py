@@ -504,6 +504,7 @@ def bench_gpu():
     # 200 images as in the last GPU run (docs/benchmarks-gpu.md); DetInferencer took ~3 min of them on an H200.
     compare_inference(out / "fp32" / "x.pth", int(os.environ.get("BENCH_GPU_IMAGES", "200")), batch, "cuda", 8,
                       prefix="gpu_", detinferencer=os.environ.get("BENCH_GPU_DETINFERENCER", "1") != "0")
+    bench_step_time("cuda", batch)
     bench_step_waits("cuda")
     bench_step_syncs("cuda", batch)
 
@@ -856,6 +857,32 @@ def bench_step_waits(device="cpu"):
            device != "cpu" or ms["ours"] <= ms["mmdet"], what + ", median of 5 alternated runs")
 
 
+def bench_step_time(device="cpu", batch=1):
+    """One training step on a fixed batch, the model alone, by precision, memory format and training modules
+    (bench/step_time.py): what of the whole-run fp16-vs-fp32 ratio is the step's, and what channels_last and
+    cvtk-job's modules change in it. On the CPU only fp32 and its channels_last twin (a check that they run)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import step_time
+
+    r = step_time.measure(device, batch)
+    objects = next(iter(r.values()))["objects"]
+    what = (f"one training step of Mask R-CNN R101 (random init) at 1333x800 on the sample's {batch} densest "
+            f"images ({objects} objects), no data loading; median of {len(next(iter(r.values()))['ms_all'])} "
+            f"timed steps after 3 untimed, each closed by a device synchronisation")
+
+    def row(title, ours, baseline):
+        a, b = r[ours], r[baseline]
+        report(title, a["ms"], b["ms"], "ms", a["ms"] / b["ms"], "(information)", True,
+               f"{what}; {ours}: {a['ms_all']} ms, peak {a['peak_mib']} MiB, loss {a['loss']}; {baseline}: "
+               f"{b['ms_all']} ms, peak {b['peak_mib']} MiB, loss {b['loss']}")
+    if device == "cpu":
+        row("training step time, fp32 channels_last vs NCHW (cpu)", "fp32 channels_last", "fp32")
+        return
+    row("GPU training step time, fp16 vs fp32 (model only)", "fp16", "fp32")
+    row("GPU training step time, fp16 channels_last vs NCHW", "fp16 channels_last", "fp16")
+    row("GPU training step time, fp16, cvtk-job's training modules vs stock mmdet's", "fp16", "fp16 stock mmdet")
+
+
 def bench_step_syncs(device="cpu", batch=2):
     """Host reads of device values (GPU synchronisations) in one whole training step, stock mmdet's model vs the
     model cvtk-job trains, by call site (bench/step_syncs.py)."""
@@ -921,6 +948,7 @@ ONLY = {
     "tiled_postprocess": bench_tiled_postprocess,
     "step_waits": bench_step_waits,
     "step_syncs": bench_step_syncs,
+    "step_time": bench_step_time,  # GPU rows under --gpu; here fp32 only (not in `make bench`: 2 minutes)
 }
 
 

@@ -103,17 +103,18 @@ class Counter:
         return sum(self.sites.values())
 
 
-def count(device="cpu", batch=4):
-    """One training step each way → ({"mmdet": Counter, "ours": Counter}, objects per image)."""
+def setup(device="cpu", batch=4, precision="fp32"):
+    """The default Mask R-CNN's training config for the sample (at `precision`: fp16/bf16 give MMEngine's
+    AmpOptimWrapper, CUDA only), its `batch` densest training images, their object counts, and `model(ours)`:
+    stock mmdet's model or the one cvtk-job trains, built with the same seed, with its optimizer wrapper.
+    Shared with bench/step_time.py."""
     import torch
-    from mmengine.dataset import pseudo_collate
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DATASETS, MODELS, init_default_scope
 
     sys.path.insert(0, REPO)
-    import cvtk_job.losses  # noqa: F401 (registers the swapped-in losses)
-    from cvtk_job import masktargets, mmconfig, roi_extractor  # noqa: F401 (registers the swapped-in extractor)
-    from cvtk_job.assigner import CvtkMaxIoUAssigner, CvtkRandomSampler
+    import cvtk_job.losses  # noqa: F401 (registers the swapped-in losses; no name: `losses` is a local below)
+    from cvtk_job import assigner, masktargets, mmconfig, roi_extractor  # noqa: F401 (registers the swapped-in modules)
     from cvtk_job.options import TrainOptions
 
     init_default_scope("mmdet")
@@ -124,7 +125,7 @@ def count(device="cpu", batch=4):
     opts = TrainOptions(label=os.path.join(sample, "label.txt"), train=train, output_weights="/tmp/x.pth",
                         pretrained="none", task="segm", num_workers=0, lr="0.002")
     ctx = mmconfig.RunContext(classes=classes, data=mmconfig.DataFiles(train), work_dir="/tmp/x",
-                              output_prefix="/tmp/x", num_train_images=60, device=device)
+                              output_prefix="/tmp/x", num_train_images=60, device=device, precision=precision)
     cfg = mmconfig.build_config(opts, mmconfig.resolve_model(None, "segm"), ctx)
     dataset = DATASETS.build(cfg.train_dataloader.dataset)
     counts = [len(dataset.get_data_info(i)["instances"]) for i in range(len(dataset))]
@@ -142,6 +143,17 @@ def count(device="cpu", batch=4):
         built.train()
         return built, build_optim_wrapper(built, copy.deepcopy(cfg.optim_wrapper))
 
+    return cfg, data, [counts[i] for i in densest], model
+
+
+def count(device="cpu", batch=4):
+    """One training step each way → ({"mmdet": Counter, "ours": Counter}, objects per image)."""
+    import torch
+    from mmengine.dataset import pseudo_collate
+
+    from cvtk_job.assigner import CvtkMaxIoUAssigner, CvtkRandomSampler
+
+    _, data, objects, model = setup(device, batch)
     found, losses = {}, {}
     vectorized = {cls: cls.__dict__["vectorized"] for cls in (CvtkMaxIoUAssigner, CvtkRandomSampler)}
     for cls in vectorized:
@@ -159,7 +171,7 @@ def count(device="cpu", batch=4):
         if not torch.allclose(value, losses["ours"][key], rtol=1e-4, atol=1e-6):
             raise SystemExit(f"step_syncs: the two steps differ ({key}: {float(value)} vs "
                              f"{float(losses['ours'][key])}): not the same computation")
-    return found, [counts[i] for i in densest]
+    return found, objects
 
 
 def main():
