@@ -948,7 +948,7 @@ ONLY = {
     "tiled_postprocess": bench_tiled_postprocess,
     "step_waits": bench_step_waits,
     "step_syncs": bench_step_syncs,
-    "step_time": bench_step_time,  # GPU rows under --gpu; here fp32 only (not in `make bench`: 2 minutes)
+    "step_time": bench_step_time,  # GPU rows under --gpu; here fp32 only (not in `make bench`: 5 minutes)
 }
 
 
