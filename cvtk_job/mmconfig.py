@@ -417,8 +417,9 @@ def set_gpu_assign_threshold(model_cfg, limit):
 
 
 # mmdet's module → cvtk-job's drop-in for the training model: the assigner and sampler without host-device waits
-# (assigner.py; mmdet's results exactly), the RoI extractor with its RoIs in fp32 under mixed precision
-# (roi_extractor.py; mmdet's own forward in fp32).
+# (assigner.py), the RoI extractor with its RoIs in fp32 under mixed precision and one wait per extraction
+# (roi_extractor.py), the L1 and sigmoid cross-entropy losses without theirs (losses.py); in fp32 all give mmdet's
+# results exactly.
 TRAINING_MODULES = {"MaxIoUAssigner": "CvtkMaxIoUAssigner", "RandomSampler": "CvtkRandomSampler",
                     "SingleRoIExtractor": "CvtkSingleRoIExtractor", "L1Loss": "CvtkL1Loss",
                     "CrossEntropyLoss": "CvtkCrossEntropyLoss"}

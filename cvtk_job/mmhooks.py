@@ -346,8 +346,7 @@ class CvtkRunner(Runner):
         3 is not: mmdet's MaxIoUAssigners and RandomSamplers run as cvtk-job's (assigner.py), its RoI extractors
         keep their RoIs in fp32 (roi_extractor.py), its L1 and sigmoid cross-entropy losses skip their host reads
         (losses.py) and Mask R-CNN's mask targets are built on the device (masktargets.py). In fp32 all give mmdet's
-        results exactly. The config keeps mmdet's names (as for the
-        train loop below)."""
+        results exactly. The config keeps mmdet's names (as for the train loop below)."""
         import copy
 
         from . import masktargets, mmconfig
