@@ -24,11 +24,35 @@ from mmdet.models.task_modules.assigners import AssignResult, MaxIoUAssigner
 from mmdet.models.task_modules.samplers import RandomSampler, SamplingResult
 from mmdet.registry import TASK_UTILS
 from mmdet.structures.bbox import BaseBoxes, cat_boxes
+from mmengine.structures import InstanceData
 
 
 @TASK_UTILS.register_module()
 class CvtkMaxIoUAssigner(MaxIoUAssigner):
+    _outside = None  # during `assign` with an `inside` mask: the priors to leave out
+
+    def assign(self, pred_instances, gt_instances, gt_instances_ignore=None, **kwargs):
+        """mmdet's; where `pred_instances` has an `inside` mask (CvtkRPNHead: all anchors, not only those in the
+        image) the priors outside it are left unassigned (-1), and the others get what they would get alone: the
+        outside ones' IoUs read as -1, below every threshold and every object's best IoU."""
+        if "inside" not in pred_instances:
+            return super().assign(pred_instances, gt_instances, gt_instances_ignore, **kwargs)
+        outside = ~pred_instances.inside
+        self._outside = outside
+        try:
+            result = super().assign(InstanceData(priors=pred_instances.priors), gt_instances, gt_instances_ignore,
+                                    **kwargs)
+        finally:
+            self._outside = None
+        # (With no objects mmdet makes every prior a negative without looking at the IoUs.)
+        result.gt_inds = result.gt_inds.masked_fill(outside, -1)
+        if result.labels is not None:
+            result.labels = result.labels.masked_fill(outside, -1)
+        return result
+
     def assign_wrt_overlaps(self, overlaps, gt_labels):
+        if self._outside is not None:  # (on the CPU when gpu_assign_thr moved the matrix there)
+            overlaps = overlaps.masked_fill(self._outside.to(overlaps.device), -1)
         num_gts, num_priors = overlaps.shape
         if not self.vectorized(overlaps) or not num_gts or not num_priors:
             return super().assign_wrt_overlaps(overlaps, gt_labels)  # (nothing to match: no waits either)

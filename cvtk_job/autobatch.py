@@ -87,7 +87,7 @@ class _Stepper:
         self.sample = dataset[self.index]
         self.input_size = _largest_input(dataset, infos, self.sample)
         self.sample = _padded(self.sample, self.input_size)
-        from . import assigner, losses, masktargets, mmconfig, roi_extractor  # noqa: F401 (registered for the swap below)
+        from . import masktargets, mmconfig
 
         mmconfig.use_training_modules(cfg.model)  # the model the run trains (mmhooks.CvtkRunner.build_model)
         self.model = MODELS.build(cfg.model).to(device)

@@ -219,6 +219,27 @@ def test_the_assigner_sampler_and_mask_targets_on_cuda_equal_mmdets():
         assert got.is_cuda and got.dtype == want.dtype and torch.equal(got, want)
 
 
+def test_the_rpn_targets_on_cuda_equal_mmdets_with_fewer_syncs():
+    """CvtkRPNHead takes its GPU way by itself on CUDA: mmdet's targets and random draws, and CUDA's own count of
+    its synchronisations holds only the sampler's (one read of its counts per image, and a copy of each random
+    permutation to the GPU), where mmdet's head adds 6 per image (tests/unit/test_rpn_head.py counts them on the
+    CPU) to its sampler's and assigner's."""
+    from mmengine.registry import init_default_scope
+
+    from tests.unit.test_rpn_head import CASES, assert_same, batch, heads, targets
+
+    init_default_scope("mmdet")
+    for allowed_border in (-1, 0):
+        mmdets, ours = (head.cuda() for head in heads(allowed_border))
+        for case in CASES.values():
+            gts, metas = batch(*case, device="cuda")
+            want, n_mmdet = _cuda_syncs(functools.partial(targets, mmdets, gts, metas, device="cuda"))
+            got, n_ours = _cuda_syncs(functools.partial(targets, ours, gts, metas, device="cuda"))
+            assert got[0][0][0].is_cuda
+            assert_same(got, want)
+            assert n_ours <= 3 * len(gts) and n_ours + 6 * len(gts) <= n_mmdet, (case, n_ours, n_mmdet)
+
+
 def _cuda_syncs(fn):
     """fn()'s result and the synchronisations CUDA itself reports while it runs (torch's sync debug mode warns
     once per synchronizing call: .item(), nonzero, a copy to the host...)."""
