@@ -4,7 +4,8 @@ On CUDA a host read is a synchronisation: the host stops queueing work until the
 the GPU then idles while Python launches the next kernels (issue 18: mixed precision gave only 1.14x over fp32).
 This counts them without a GPU: one real training step of the default Mask R-CNN (R101, 1333x800, random init)
 on the sample's densest images, stock mmdet's model against the model cvtk-job trains (its sync-free assigner,
-sampler, RPN targets and mask targets, forced onto their GPU ways), the same seed, the losses asserted equal.
+sampler, RPN targets, box head loss and mask targets, forced onto their GPU ways), the same seed, the losses
+asserted equal.
 
 Counted: the operators whose result the host must read (`.item()`/`bool()`: aten::_local_scalar_dense) or whose
 output size depends on the data (nonzero, unique, masked_select, indexing by a boolean mask), seen by a
@@ -151,11 +152,13 @@ def count(device="cpu", batch=4):
     from mmengine.dataset import pseudo_collate
 
     from cvtk_job.assigner import CvtkMaxIoUAssigner, CvtkRandomSampler
+    from cvtk_job.bbox_head import CvtkShared2FCBBoxHead
     from cvtk_job.rpn_head import CvtkRPNHead
 
     _, data, objects, model = setup(device, batch)
     found, losses = {}, {}
-    vectorized = {cls: cls.__dict__["vectorized"] for cls in (CvtkMaxIoUAssigner, CvtkRandomSampler, CvtkRPNHead)}
+    vectorized = {cls: cls.__dict__["vectorized"]
+                  for cls in (CvtkMaxIoUAssigner, CvtkRandomSampler, CvtkRPNHead, CvtkShared2FCBBoxHead)}
     for cls in vectorized:
         cls.vectorized = staticmethod(lambda tensor: True)  # the way they run on a GPU
     try:

@@ -240,6 +240,35 @@ def test_the_rpn_targets_on_cuda_equal_mmdets_with_fewer_syncs():
             assert n_ours <= 3 * len(gts) and n_ours + 6 * len(gts) <= n_mmdet, (case, n_ours, n_mmdet)
 
 
+def test_the_box_head_loss_on_cuda_equals_mmdets_without_syncs():
+    """CvtkShared2FCBBoxHead on CUDA: mmdet's losses and gradients, and no synchronisation in its loss, forward or
+    backward, where mmdet's head makes 6 in the forward and one in the backward (the L1 loss is cvtk-job's in
+    both, so it adds none; tests/unit/test_bbox_head.py counts the same on the CPU)."""
+    from mmengine.registry import init_default_scope
+
+    from tests.unit.test_bbox_head import CASES, heads, loss_step, outputs, sampled
+
+    init_default_scope("mmdet")
+    for agnostic in (False, True):
+        mmdets, ours, train_cfg = (x.cuda() if isinstance(x, torch.nn.Module) else x
+                                   for x in heads(reg_class_agnostic=agnostic))
+        mmdets.loss_bbox = ours.loss_bbox  # (cvtk-job's L1 loss: the head's own reads only)
+        for case in CASES.values():
+            results = [r.to("cuda") for r in sampled(case, 0)]
+            got, n = {}, {}
+            for name, head in (("mmdet", mmdets), ("ours", ours)):
+                given = outputs(head, results, 0, device="cuda")
+                got[name], n[name] = _cuda_syncs(functools.partial(loss_step, head, results, train_cfg, 0, given))
+            for key in got["mmdet"][0]:
+                assert torch.equal(got["ours"][0][key], got["mmdet"][0][key]), key
+            for a, b in zip(got["ours"][2:], got["mmdet"][2:], strict=True):
+                assert a.is_cuda and torch.equal(a, b)
+            positives = sum(len(r.pos_priors) for r in results)
+            # mmdet's: the average factor, any(), 3 boolean indexings (4 unless class-agnostic) and the mask's
+            # scatter in backward; with no positives the empty box loss's boolean index and its backward instead.
+            assert n["ours"] == 0 and n["mmdet"] >= (6 if positives else 4), (case, n)
+
+
 def _cuda_syncs(fn):
     """fn()'s result and the synchronisations CUDA itself reports while it runs (torch's sync debug mode warns
     once per synchronizing call: .item(), nonzero, a copy to the host...)."""

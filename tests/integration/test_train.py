@@ -323,12 +323,12 @@ def test_profile_hook_captures_the_asked_steps_and_the_run_is_otherwise_unchange
     trace = json.loads((tmp_path / "strawberry" / "profile.trace.json").read_text())
     assert sum(e.get("name") == "aten::convolution" for e in trace["traceEvents"]) > 0
     assert "profile of 2 steps:" in result.stderr
-    # What keeps the steps from waiting on the host (assigner.py, losses.py, rpn_head.py, masktargets.py) and mixed
+    # What keeps the steps from waiting on the host (assigner.py, losses.py, the heads, masktargets.py) and mixed
     # precision's RoIs in fp32 (roi_extractor.py) are in the model that trained.
     assert ("training model: 2 MaxIoUAssigner(s) as CvtkMaxIoUAssigner, 2 RandomSampler(s) as CvtkRandomSampler, "
             "2 SingleRoIExtractor(s) as CvtkSingleRoIExtractor, 2 L1Loss(s) as CvtkL1Loss, 3 CrossEntropyLoss(s) as "
-            "CvtkCrossEntropyLoss, 1 RPNHead(s) as CvtkRPNHead, 1 mask head(s) with targets built on the device") \
-        in result.stderr
+            "CvtkCrossEntropyLoss, 1 RPNHead(s) as CvtkRPNHead, 1 Shared2FCBBoxHead(s) as CvtkShared2FCBBoxHead, "
+            "1 mask head(s) with targets built on the device") in result.stderr
     _, rows = read_tsv(tmp_path / "strawberry.train_stats.train.txt")
     assert [r["epoch"] for r in rows] == ["1"]
 
