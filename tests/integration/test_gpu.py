@@ -240,7 +240,7 @@ def test_the_rpn_targets_on_cuda_equal_mmdets_with_fewer_syncs():
             assert n_ours <= 3 * len(gts) and n_ours + 6 * len(gts) <= n_mmdet, (case, n_ours, n_mmdet)
 
 
-def test_the_box_head_loss_on_cuda_equals_mmdets_without_syncs():
+def test_the_box_head_losses_on_cuda_equal_mmdets_without_syncs():
     """CvtkShared2FCBBoxHead on CUDA: mmdet's losses and gradients, and no synchronisation in its loss, forward or
     backward, where mmdet's head makes 6 in the forward and one in the backward (the L1 loss is cvtk-job's in
     both, so it adds none; tests/unit/test_bbox_head.py counts the same on the CPU)."""
