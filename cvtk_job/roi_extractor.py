@@ -41,19 +41,22 @@ class CvtkSingleRoIExtractor(SingleRoIExtractor):
         num_levels = len(feats)
         roi_feats = feats[0].new_zeros(rois.size(0), self.out_channels, *self.roi_layers[0].output_size)
         levels = self.map_roi_levels(rois, num_levels)
+        # A RoI with no level (NaN coordinates, as a diverging fp16 step can make, or an inverted box) is pooled
+        # nowhere and keeps zero features, as in mmdet (no level's mask holds it): sorted last, after the levels.
+        levels = torch.where((levels >= 0) & (levels < num_levels), levels, num_levels)
         if roi_scale_factor is not None:
             rois = self.roi_rescale(rois, roi_scale_factor)
         order = torch.argsort(levels, stable=True)
         # Counted by comparison, not torch.bincount: on CUDA that reads its input's maximum back first.
-        counts = (levels[None, :] == torch.arange(num_levels, device=levels.device)[:, None]).sum(1).tolist()
+        counts = (levels[None, :] == torch.arange(num_levels + 1, device=levels.device)[:, None]).sum(1).tolist()
         pooled = []
-        for i, (inds, n) in enumerate(zip(order.split(counts), counts, strict=True)):
+        for i, (inds, n) in enumerate(zip(order.split(counts)[:num_levels], counts[:num_levels], strict=True)):
             if n:
                 pooled.append(self.roi_layers[i](feats[i], rois[inds]))
             else:
                 roi_feats = roi_feats + (sum(p.view(-1)[0] for p in self.parameters()) * 0.0 + feats[i].sum() * 0.0)
         if pooled:
-            roi_feats = roi_feats.index_put((order,), torch.cat(pooled))
+            roi_feats = roi_feats.index_put((order[:rois.size(0) - counts[-1]],), torch.cat(pooled))
         return roi_feats
 
 

@@ -116,6 +116,27 @@ def test_fp32_results_and_gradients_are_mmdets_exactly(sides, roi_scale_factor):
         assert a is not None and b is not None and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rois_with_no_level_keep_zero_features_as_in_mmdet(dtype):
+    """NaN coordinates (a diverging fp16 step decodes NaN deltas into NaN proposals; dynamic loss scaling is meant
+    to skip such a step, not to crash on it) and inverted boxes (a negative area) map to no level in mmdet: their
+    features stay zero. Ours pools the others exactly as mmdet and leaves those zero too."""
+    torch.manual_seed(0)
+    feats = tuple(torch.randn(2, 4, 512 // s, 512 // s) for s in STRIDES)
+    rois = random_rois(30)
+    rois[[3, 17], 1:] = float("nan")
+    rois[8, 1:] = torch.tensor([100.0, 100.0, 60.0, 180.0])  # x2 < x1
+    got, got_grads = run(CvtkSingleRoIExtractor, tuple(f.to(dtype) for f in feats), rois)
+    want, want_grads = run(SingleRoIExtractor, feats, rois)
+    assert not got[[3, 17, 8]].any() and got[[0, 1, 2]].abs().sum() > 0
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            assert torch.equal(a, b)
+    else:  # fp16 features, pooled in fp32 (test_each_roi_pools_from_the_level_fp32_gives): the same zeros
+        torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+
+
 def test_no_rois_every_level_in_the_graph():
     feats = tuple(torch.randn(1, 4, 256 // s, 256 // s) for s in STRIDES)
     got, grads = run(CvtkSingleRoIExtractor, feats, torch.zeros(0, 5))
