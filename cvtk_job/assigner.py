@@ -81,9 +81,10 @@ class CvtkMaxIoUAssigner(MaxIoUAssigner):
 
 @TASK_UTILS.register_module()
 class CvtkRandomSampler(RandomSampler):
-    """mmdet's RandomSampler with one host read per call (the two counts) instead of four."""
+    """mmdet's RandomSampler with one host read per call (the two counts) instead of four, or none where the
+    caller read the counts of several images at once (`counts`: `sample_counts`'s for this assignment)."""
 
-    def sample(self, assign_result, pred_instances, gt_instances, **kwargs):
+    def sample(self, assign_result, pred_instances, gt_instances, counts=None, **kwargs):
         if not self.vectorized(assign_result.gt_inds):
             return super().sample(assign_result, pred_instances, gt_instances, **kwargs)
         # mmdet's BaseSampler.sample, with the same priors, ground-truth proposals and flags.
@@ -91,14 +92,19 @@ class CvtkRandomSampler(RandomSampler):
         if len(priors.shape) < 2:
             priors = priors[None, :]
         gt_flags = priors.new_zeros((priors.shape[0],), dtype=torch.uint8)
+        added = 0
         if self.add_gt_as_proposals and len(gt_bboxes) > 0:
             as_priors = gt_bboxes.convert_to(type(priors)) if isinstance(gt_bboxes, BaseBoxes) and \
                 isinstance(priors, BaseBoxes) else gt_bboxes
             priors = cat_boxes([as_priors, priors], dim=0)
-            assign_result.add_gt_(gt_labels)
-            gt_flags = torch.cat([priors.new_ones(as_priors.shape[0], dtype=torch.uint8), gt_flags])
+            assign_result.add_gt_(gt_labels)  # the objects first, each a positive of itself
+            added = as_priors.shape[0]
+            gt_flags = torch.cat([priors.new_ones(added, dtype=torch.uint8), gt_flags])
         positive, negative = assign_result.gt_inds > 0, assign_result.gt_inds == 0
-        num_pos, num_neg = torch.stack([positive.sum(), negative.sum()]).tolist()  # the one wait
+        if counts is None:
+            num_pos, num_neg = torch.stack([positive.sum(), negative.sum()]).tolist()  # the one wait
+        else:
+            num_pos, num_neg = counts[0] + added, counts[1]
         pos_inds = self._choose(positive, num_pos, int(self.num * self.pos_fraction))
         num_expected_neg = self.num - len(pos_inds)
         if self.neg_pos_ub >= 0:
@@ -106,6 +112,14 @@ class CvtkRandomSampler(RandomSampler):
         neg_inds = self._choose(negative, num_neg, num_expected_neg)
         return SamplingResult(pos_inds=pos_inds, neg_inds=neg_inds, priors=priors, gt_bboxes=gt_bboxes,
                               assign_result=assign_result, gt_flags=gt_flags)
+
+    def sample_counts(self, assign_results):
+        """The numbers of positives and negatives of each assignment, as `sample(counts=)` takes them: one host
+        read for all (several images' samplers would wait once each). None where `sample` keeps mmdet's code."""
+        if not assign_results or not all(self.vectorized(r.gt_inds) for r in assign_results):
+            return None
+        counts = torch.stack([torch.stack([(r.gt_inds > 0).sum(), (r.gt_inds == 0).sum()]) for r in assign_results])
+        return [tuple(c) for c in counts.tolist()]
 
     @staticmethod
     def _choose(mask, count, num_expected):

@@ -423,14 +423,14 @@ def set_gpu_assign_threshold(model_cfg, limit):
 TRAINING_MODULES = {"MaxIoUAssigner": "CvtkMaxIoUAssigner", "RandomSampler": "CvtkRandomSampler",
                     "SingleRoIExtractor": "CvtkSingleRoIExtractor", "L1Loss": "CvtkL1Loss",
                     "CrossEntropyLoss": "CvtkCrossEntropyLoss", "RPNHead": "CvtkRPNHead",
-                    "Shared2FCBBoxHead": "CvtkShared2FCBBoxHead"}
+                    "Shared2FCBBoxHead": "CvtkShared2FCBBoxHead", "StandardRoIHead": "CvtkStandardRoIHead"}
 
 
 def use_training_modules(model_cfg):
     """Swap TRAINING_MODULES into a model config, in place. Applied where the training model is built
     (mmhooks.CvtkRunner, autobatch), not in the written config, which stays loadable where cvtk-job is not
     installed. Returns {mmdet's name: how many}."""
-    from . import assigner, bbox_head, losses, roi_extractor, rpn_head  # noqa: F401 (registers the names swapped in)
+    from . import assigner, bbox_head, losses, roi_extractor, roi_head, rpn_head  # noqa: F401 (registers the names)
 
     swapped = dict.fromkeys(TRAINING_MODULES, 0)
 

@@ -344,7 +344,8 @@ class CvtkRunner(Runner):
     def build_model(self, model):
         """The training model, with what makes a step wait less on the host and mixed precision exact where mmdet
         3 is not: mmdet's MaxIoUAssigners and RandomSamplers run as cvtk-job's (assigner.py), its RPN heads build
-        their targets on all anchors (rpn_head.py), its box heads' losses know their positives (bbox_head.py), its
+        their targets on all anchors (rpn_head.py), its RoI heads sample after assigning every image (roi_head.py),
+        its box heads' losses know their positives (bbox_head.py), its
         RoI extractors keep their RoIs in fp32 (roi_extractor.py), its L1 and sigmoid cross-entropy losses skip
         their host reads (losses.py) and Mask R-CNN's mask targets are built on the device (masktargets.py). In fp32
         all give mmdet's results exactly. The config keeps mmdet's names (as for the train loop below)."""

@@ -8,7 +8,8 @@ assigner with the inside mask (`CvtkMaxIoUAssigner` leaves the others unassigned
 so the sampler draws from the same positives and negatives in the same order with the same random permutation,
 and writes the targets straight into tensors of all anchors: mmdet's targets, bit for bit (tests/unit/
 test_rpn_head.py), with no host read of its own; mmdet's "no valid anchor" error is checked only when the
-sampler found nothing (it knows its counts on the host already).
+sampler found nothing (it knows its counts on the host already). All images are assigned before any is sampled,
+so the sampler's counts are read once per step, not once per image (`CvtkRandomSampler.sample_counts`).
 
 On the CPU (no synchronisation to save; the assigner then also keeps mmdet's loop), with another assigner than
 `CvtkMaxIoUAssigner`, with box-type anchors or without `unmap_outputs`, mmdet's code runs. Swapped in where the
@@ -19,24 +20,59 @@ import torch
 from mmdet.models.dense_heads import RPNHead
 from mmdet.models.task_modules.prior_generators import anchor_inside_flags
 from mmdet.registry import MODELS
+from mmdet.structures.bbox import cat_boxes
 from mmengine.structures import InstanceData
 
-from .assigner import CvtkMaxIoUAssigner
+from .assigner import CvtkMaxIoUAssigner, CvtkRandomSampler
 
 
 @MODELS.register_module()
 class CvtkRPNHead(RPNHead):
-    def _get_targets_single(self, flat_anchors, valid_flags, gt_instances, img_meta, gt_instances_ignore=None,
-                            unmap_outputs=True):
-        if not (unmap_outputs and isinstance(flat_anchors, torch.Tensor) and self.vectorized(flat_anchors)
+    _assigned = None  # during get_targets: each image's (inside mask, assignment, sample counts), in order
+
+    def get_targets(self, anchor_list, valid_flag_list, batch_gt_instances, batch_img_metas,
+                    batch_gt_instances_ignore=None, unmap_outputs=True, return_sampling_results=False):
+        """mmdet's, with every image assigned first and the sampler's counts read once for all images (mmdet's
+        loop assigns and samples one image at a time: a wait per image)."""
+        if unmap_outputs and isinstance(self.sampler, CvtkRandomSampler):
+            ignores = batch_gt_instances_ignore or [None] * len(batch_img_metas)
+            assigned = [self._assign(cat_boxes(anchors), torch.cat(valid), gt, meta, ignore)
+                        for anchors, valid, gt, meta, ignore in zip(anchor_list, valid_flag_list,
+                                                                    batch_gt_instances, batch_img_metas, ignores,
+                                                                    strict=True)]
+            if all(a is not None for a in assigned):
+                counts = self.sampler.sample_counts([result for _, result in assigned])
+                if counts is not None:
+                    self._assigned = iter([(*a, c) for a, c in zip(assigned, counts, strict=True)])
+        try:
+            return super().get_targets(anchor_list, valid_flag_list, batch_gt_instances, batch_img_metas,
+                                       batch_gt_instances_ignore, unmap_outputs, return_sampling_results)
+        finally:
+            self._assigned = None
+
+    def _assign(self, flat_anchors, valid_flags, gt_instances, img_meta, gt_instances_ignore):
+        """(inside mask, assignment of all anchors), or None where mmdet's code runs (see the module's text)."""
+        if not (isinstance(flat_anchors, torch.Tensor) and self.vectorized(flat_anchors)
                 and isinstance(self.assigner, CvtkMaxIoUAssigner)):
-            return super()._get_targets_single(flat_anchors, valid_flags, gt_instances, img_meta,
-                                               gt_instances_ignore, unmap_outputs)
+            return None
         inside = anchor_inside_flags(flat_anchors, valid_flags, img_meta["img_shape"][:2],
                                      self.train_cfg["allowed_border"])
-        assign_result = self.assigner.assign(InstanceData(priors=flat_anchors, inside=inside), gt_instances,
-                                             gt_instances_ignore)
-        sampling_result = self.sampler.sample(assign_result, InstanceData(priors=flat_anchors), gt_instances)
+        return inside, self.assigner.assign(InstanceData(priors=flat_anchors, inside=inside), gt_instances,
+                                            gt_instances_ignore)
+
+    def _get_targets_single(self, flat_anchors, valid_flags, gt_instances, img_meta, gt_instances_ignore=None,
+                            unmap_outputs=True):
+        if self._assigned is not None:
+            inside, assign_result, counts = next(self._assigned)
+        else:
+            assigned = self._assign(flat_anchors, valid_flags, gt_instances, img_meta, gt_instances_ignore)
+            if not unmap_outputs or assigned is None:
+                return super()._get_targets_single(flat_anchors, valid_flags, gt_instances, img_meta,
+                                                   gt_instances_ignore, unmap_outputs)
+            (inside, assign_result), counts = assigned, None
+        kwargs = {} if counts is None else {"counts": counts}
+        sampling_result = self.sampler.sample(assign_result, InstanceData(priors=flat_anchors), gt_instances,
+                                              **kwargs)
         pos_inds, neg_inds = sampling_result.pos_inds, sampling_result.neg_inds
         # Nothing sampled: perhaps no anchor inside (mmdet checks before assigning, with a host read every time).
         if not len(pos_inds) and not len(neg_inds) and not inside.any():

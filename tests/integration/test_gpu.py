@@ -269,6 +269,27 @@ def test_the_box_head_losses_on_cuda_equal_mmdets_without_syncs():
             assert n["ours"] == 0 and n["mmdet"] >= (6 if positives else 4), (case, n)
 
 
+def test_the_roi_head_losses_on_cuda_equal_mmdets_with_the_same_draws():
+    """CvtkStandardRoIHead on CUDA (its sampler reads all images' counts at once, then samples each in mmdet's
+    order): mmdet's losses, gradients within RoIAlign's atomic-add reordering, and the same random draws."""
+    from mmengine.registry import init_default_scope
+
+    from tests.unit.test_roi_head import CASES, heads, loss_step
+
+    init_default_scope("mmdet")
+    for task in ("segm", "det"):
+        mmdets, ours = (head.cuda() for head in heads(task))
+        for objects in CASES.values():
+            want, got = loss_step(mmdets, objects, 0, "cuda"), loss_step(ours, objects, 0, "cuda")
+            assert got[0].keys() == want[0].keys()
+            for key in want[0]:
+                torch.testing.assert_close(got[0][key], want[0][key], rtol=1e-5, atol=1e-6)
+            for a, b in zip(got[1], want[1], strict=True):
+                assert a.is_cuda
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            assert torch.equal(got[2], want[2])
+
+
 def _cuda_syncs(fn):
     """fn()'s result and the synchronisations CUDA itself reports while it runs (torch's sync debug mode warns
     once per synchronizing call: .item(), nonzero, a copy to the host...)."""

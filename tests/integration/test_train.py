@@ -328,7 +328,8 @@ def test_profile_hook_captures_the_asked_steps_and_the_run_is_otherwise_unchange
     assert ("training model: 2 MaxIoUAssigner(s) as CvtkMaxIoUAssigner, 2 RandomSampler(s) as CvtkRandomSampler, "
             "2 SingleRoIExtractor(s) as CvtkSingleRoIExtractor, 2 L1Loss(s) as CvtkL1Loss, 3 CrossEntropyLoss(s) as "
             "CvtkCrossEntropyLoss, 1 RPNHead(s) as CvtkRPNHead, 1 Shared2FCBBoxHead(s) as CvtkShared2FCBBoxHead, "
-            "1 mask head(s) with targets built on the device") in result.stderr
+            "1 StandardRoIHead(s) as CvtkStandardRoIHead, 1 mask head(s) with targets built on the device") \
+        in result.stderr
     _, rows = read_tsv(tmp_path / "strawberry.train_stats.train.txt")
     assert [r["epoch"] for r in rows] == ["1"]
 

@@ -196,13 +196,14 @@ def test_the_training_modules_keep_every_setting_and_stay_out_of_the_written_con
         losses["roi_head.mask_head.loss_mask"] = "CrossEntropyLoss"
     assert mmconfig.use_training_modules(model) == {
         "MaxIoUAssigner": 2, "RandomSampler": 2, "SingleRoIExtractor": len(extractors), "L1Loss": 2,
-        "CrossEntropyLoss": len(losses) - 2, "RPNHead": 1, "Shared2FCBBoxHead": 1}
-    for where, name in (("rpn_head", "RPNHead"), ("roi_head.bbox_head", "Shared2FCBBoxHead")):
+        "CrossEntropyLoss": len(losses) - 2, "RPNHead": 1, "Shared2FCBBoxHead": 1, "StandardRoIHead": 1}
+    for where, name in (("rpn_head", "RPNHead"), ("roi_head.bbox_head", "Shared2FCBBoxHead"),
+                        ("roi_head", "StandardRoIHead")):
         # Against the written config (the box head's classes are the dataset's): only the type differs.
         got, want = (dict(functools.reduce(lambda d, k: d[k], where.split("."), m)) for m in (model, cfg.model))
         assert want.pop("type") == name and got.pop("type") == "Cvtk" + name
-        for loss in ("loss_cls", "loss_bbox"):  # (swapped themselves: compared above)
-            got.pop(loss), want.pop(loss)
+        for part in ("loss_cls", "loss_bbox", "bbox_head", "bbox_roi_extractor", "mask_roi_extractor", "mask_head"):
+            got.pop(part, None), want.pop(part, None)  # (their own swaps: checked in this loop and below)
         assert got == want
     for where, name in losses.items():
         got, want, written = (functools.reduce(lambda d, k: d[k], where.split("."), m)
@@ -233,6 +234,6 @@ def test_training_modules_named_with_mmdets_scope_are_swapped_too():
               "train_cfg": {"rcnn": {"assigner": {"type": "mmdet.MaxIoUAssigner"}, "sampler": {"type": "Other"}}}}
     assert mmconfig.use_training_modules(scoped) == {"MaxIoUAssigner": 1, "RandomSampler": 0, "SingleRoIExtractor": 1,
                                                      "L1Loss": 0, "CrossEntropyLoss": 0, "RPNHead": 0,
-                                                     "Shared2FCBBoxHead": 0}
+                                                     "Shared2FCBBoxHead": 0, "StandardRoIHead": 0}
     assert scoped["roi_head"]["bbox_roi_extractor"] == {"type": "CvtkSingleRoIExtractor", "out_channels": 8}
     assert scoped["train_cfg"]["rcnn"] == {"assigner": {"type": "CvtkMaxIoUAssigner"}, "sampler": {"type": "Other"}}
