@@ -20,7 +20,7 @@ import torch
 from mmdet.models.dense_heads import RPNHead
 from mmdet.models.task_modules.prior_generators import anchor_inside_flags
 from mmdet.registry import MODELS
-from mmdet.structures.bbox import cat_boxes
+from mmdet.structures.bbox import cat_boxes, get_box_tensor
 from mmengine.structures import InstanceData
 
 from .assigner import CvtkMaxIoUAssigner, CvtkRandomSampler
@@ -90,7 +90,7 @@ class CvtkRPNHead(RPNHead):
             if not self.reg_decoded_bbox:
                 pos_bbox_targets = self.bbox_coder.encode(sampling_result.pos_priors, sampling_result.pos_gt_bboxes)
             else:
-                pos_bbox_targets = sampling_result.pos_gt_bboxes  # (tensor boxes: this path has no box types)
+                pos_bbox_targets = get_box_tensor(sampling_result.pos_gt_bboxes)
             bbox_targets[pos_inds, :] = pos_bbox_targets
             bbox_weights[pos_inds, :] = 1.0
             labels[pos_inds] = sampling_result.pos_gt_labels

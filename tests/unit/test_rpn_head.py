@@ -32,11 +32,11 @@ def gpu_way(monkeypatch):
     monkeypatch.setattr(CvtkRandomSampler, "vectorized", staticmethod(lambda gt_inds: True))
 
 
-def heads(allowed_border=-1, gpu_assign_thr=-1, sampler="CvtkRandomSampler"):
+def heads(allowed_border=-1, gpu_assign_thr=-1, sampler="CvtkRandomSampler", **changes):
     """mmdet's RPNHead and ours, from the default Mask R-CNN config's (cvtk-job's training modules in ours; with
     mmdet's sampler, each image samples on its own)."""
     model = Config.fromfile(mmconfig.resolve_model(None, "segm")).model
-    cfg = dict(model.rpn_head, train_cfg=copy.deepcopy(model.train_cfg.rpn), test_cfg=model.test_cfg.rpn)
+    cfg = dict(model.rpn_head, train_cfg=copy.deepcopy(model.train_cfg.rpn), test_cfg=model.test_cfg.rpn, **changes)
     cfg["train_cfg"]["allowed_border"] = allowed_border
     cfg["train_cfg"]["assigner"]["gpu_assign_thr"] = gpu_assign_thr
     ours = copy.deepcopy(cfg)
@@ -104,6 +104,15 @@ def test_the_targets_are_mmdets(monkeypatch, case, allowed_border, assigner):
         assert ours._assigned is None  # nothing left for a later call
         labels, weights = torch.cat(got[0][0], 1), torch.cat(got[0][1], 1)
         assert (weights > 0).any() and ((labels == 0) & (weights > 0)).any() == any(len(g) for g in gts)
+
+
+def test_decoded_box_targets_and_a_positive_weight_are_mmdets(monkeypatch):
+    monkeypatch.setattr(CvtkMaxIoUAssigner, "vectorized", staticmethod(lambda overlaps: True))
+    mmdets, ours = heads(reg_decoded_bbox=True)
+    for head in (mmdets, ours):
+        head.train_cfg["pos_weight"] = 2.0
+    gts, metas = batch(*CASES["dense, one image smaller than the batch"])
+    assert_same(targets(ours, gts, metas), targets(mmdets, gts, metas))
 
 
 def test_no_host_read_of_its_own(monkeypatch):
