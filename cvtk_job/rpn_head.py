@@ -34,27 +34,29 @@ class CvtkRPNHead(RPNHead):
                     batch_gt_instances_ignore=None, unmap_outputs=True, return_sampling_results=False):
         """mmdet's, with every image assigned first and the sampler's counts read once for all images (mmdet's
         loop assigns and samples one image at a time: a wait per image)."""
-        if unmap_outputs and isinstance(self.sampler, CvtkRandomSampler):
+        if unmap_outputs and isinstance(self.sampler, CvtkRandomSampler) and anchor_list and \
+                self._sync_free(anchor_list[0][0]):
             ignores = batch_gt_instances_ignore or [None] * len(batch_img_metas)
             assigned = [self._assign(cat_boxes(anchors), torch.cat(valid), gt, meta, ignore)
                         for anchors, valid, gt, meta, ignore in zip(anchor_list, valid_flag_list,
                                                                     batch_gt_instances, batch_img_metas, ignores,
                                                                     strict=True)]
-            if all(a is not None for a in assigned):
-                counts = self.sampler.sample_counts([result for _, result in assigned])
-                if counts is not None:
-                    self._assigned = iter([(*a, c) for a, c in zip(assigned, counts, strict=True)])
+            counts = self.sampler.sample_counts([result for _, result in assigned])
+            if counts is not None:
+                self._assigned = iter([(*a, c) for a, c in zip(assigned, counts, strict=True)])
         try:
             return super().get_targets(anchor_list, valid_flag_list, batch_gt_instances, batch_img_metas,
                                        batch_gt_instances_ignore, unmap_outputs, return_sampling_results)
         finally:
             self._assigned = None
 
+    def _sync_free(self, anchors):
+        """Whether this head takes its own way for these anchors (see the module's text), not mmdet's."""
+        return isinstance(anchors, torch.Tensor) and self.vectorized(anchors) and \
+            isinstance(self.assigner, CvtkMaxIoUAssigner)
+
     def _assign(self, flat_anchors, valid_flags, gt_instances, img_meta, gt_instances_ignore):
-        """(inside mask, assignment of all anchors), or None where mmdet's code runs (see the module's text)."""
-        if not (isinstance(flat_anchors, torch.Tensor) and self.vectorized(flat_anchors)
-                and isinstance(self.assigner, CvtkMaxIoUAssigner)):
-            return None
+        """(inside mask, assignment of all anchors)."""
         inside = anchor_inside_flags(flat_anchors, valid_flags, img_meta["img_shape"][:2],
                                      self.train_cfg["allowed_border"])
         return inside, self.assigner.assign(InstanceData(priors=flat_anchors, inside=inside), gt_instances,
@@ -64,12 +66,12 @@ class CvtkRPNHead(RPNHead):
                             unmap_outputs=True):
         if self._assigned is not None:
             inside, assign_result, counts = next(self._assigned)
+        elif unmap_outputs and self._sync_free(flat_anchors):  # (another sampler: each image reads its own)
+            (inside, assign_result), counts = self._assign(flat_anchors, valid_flags, gt_instances, img_meta,
+                                                           gt_instances_ignore), None
         else:
-            assigned = self._assign(flat_anchors, valid_flags, gt_instances, img_meta, gt_instances_ignore)
-            if not unmap_outputs or assigned is None:
-                return super()._get_targets_single(flat_anchors, valid_flags, gt_instances, img_meta,
-                                                   gt_instances_ignore, unmap_outputs)
-            (inside, assign_result), counts = assigned, None
+            return super()._get_targets_single(flat_anchors, valid_flags, gt_instances, img_meta,
+                                               gt_instances_ignore, unmap_outputs)
         kwargs = {} if counts is None else {"counts": counts}
         sampling_result = self.sampler.sample(assign_result, InstanceData(priors=flat_anchors), gt_instances,
                                               **kwargs)
